@@ -1,0 +1,11 @@
+"""distbn: synchronized batch normalization for MXNet Gluon over Horovod."""
+import warnings
+
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="mxnet")
+
+from .convert import convert_sync_batchnorm  # noqa: E402
+from .functional import batch_norm  # noqa: E402
+from .layers import BatchNorm, SyncBatchNorm  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["batch_norm", "BatchNorm", "SyncBatchNorm", "convert_sync_batchnorm"]

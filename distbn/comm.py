@@ -1,0 +1,119 @@
+"""The communication facade: the only module of distbn that imports Horovod.
+
+Everything else asks ``get_comm()`` for rank, size and collectives. When Horovod is missing,
+or the job runs as one process, a size-1 path does no collective at all: an all-reduce of one
+worker is the identity, so it returns its input unchanged.
+
+Groups: a ``group`` argument is ``None`` (all workers) or a :class:`Group` made by
+:meth:`Comm.group` from a list of ranks (a Horovod process set underneath). Process sets must
+be known to Horovod at start-up: ``Comm.group`` needs ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` in the
+environment, which :func:`get_comm` then passes to ``hvd.init``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+try:  # Horovod is optional: without it distbn runs as one process.
+    import horovod.mxnet as _hvd
+except ImportError:  # pragma: no cover - exercised only on machines without Horovod
+    _hvd = None
+
+
+@dataclass(frozen=True)
+class Group:
+    """A subset of workers that communicate among themselves (a Horovod process set)."""
+    ranks: tuple
+    handle: object = field(compare=False, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+@dataclass
+class Comm:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    collectives: int = 0  # collectives issued so far (tests count them per step)
+    _groups: dict = field(default_factory=dict, repr=False)  # ranks -> Group, made once each
+
+    # --- collectives -------------------------------------------------------------------
+    def allreduce_sum(self, x, name: str, group: Optional[Group] = None):
+        """Element-wise sum of ``x`` over the workers of ``group`` (all when None).
+
+        Asynchronous: returns an NDArray that MXNet's engine fills in when the collective is
+        done, so the caller's next ops queue behind it. ``name`` must be identical on every
+        rank and unique among collectives in flight.
+        """
+        if self.group_size(group) == 1:
+            return x
+        self.collectives += 1
+        return _hvd.allreduce(x, name=name, op=_hvd.Sum, **self._ps(group))
+
+    def broadcast_(self, params, root: int = 0, prefix: str = "bcast"):
+        """Overwrite Gluon parameters (a ParameterDict or dict) with root's values, in place."""
+        if self.size > 1:
+            self.collectives += 1
+            _hvd.broadcast_parameters(params, root_rank=root, prefix=prefix)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import mxnet as mx
+            self.allreduce_sum(mx.nd.zeros(1), name="distbn.barrier").wait_to_read()
+
+    def trainer(self, params, optimizer: str, optimizer_params: dict):
+        """A Gluon trainer whose gradients are averaged over all workers before each step."""
+        import mxnet as mx
+        if self.size == 1:
+            return mx.gluon.Trainer(params, optimizer, optimizer_params)
+        return _hvd.DistributedTrainer(params, optimizer, optimizer_params)
+
+    def group(self, ranks: Sequence[int]) -> Group:
+        """A group of the given ranks; every worker must call this with the same ranks."""
+        ranks = tuple(sorted(int(r) for r in ranks))
+        if any(not 0 <= r < self.size for r in ranks) or len(set(ranks)) != len(ranks) or not ranks:
+            raise ValueError(f"ranks {ranks} are not distinct ranks of a world of size {self.size}")
+        if self.size == 1 or len(ranks) == self.size:
+            return Group(ranks, handle=None)
+        if os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") != "1":
+            raise RuntimeError("process sets need HOROVOD_DYNAMIC_PROCESS_SETS=1 in the "
+                               "environment of every worker (set it before launching)")
+        if ranks not in self._groups:  # add_process_set is itself a collective: once per set
+            self._groups[ranks] = Group(ranks, handle=_hvd.add_process_set(list(ranks)))
+        return self._groups[ranks]
+
+    # --- helpers -----------------------------------------------------------------------
+    def group_size(self, group: Optional[Group]) -> int:
+        if group is None:
+            return self.size
+        if self.rank not in group.ranks:
+            raise ValueError(f"rank {self.rank} is not a member of the group {group.ranks}")
+        return group.size
+
+    @staticmethod
+    def _ps(group: Optional[Group]) -> dict:
+        return {} if group is None or group.handle is None else {"process_set": group.handle}
+
+
+_COMM: Optional[Comm] = None
+
+
+def get_comm() -> Comm:
+    """The process's communicator; initializes Horovod on first use when it is installed."""
+    global _COMM
+    if _COMM is None:
+        if _hvd is None:
+            _COMM = Comm()
+        else:
+            _hvd.init()
+            _COMM = Comm(rank=_hvd.rank(), size=_hvd.size(),
+                         local_rank=_hvd.local_rank(), local_size=_hvd.local_size())
+    return _COMM
+
+
+def horovod_available() -> bool:
+    return _hvd is not None

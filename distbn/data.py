@@ -1,0 +1,202 @@
+"""Fashion-MNIST: locate, verify, parse, shard and batch.
+
+Files are looked up, each on its own, in this order:
+  1. the ``data_dir`` argument, or else the ``DISTBN_DATA_DIR`` environment variable;
+  2. the user cache ``~/.cache/distbn/fashion-mnist`` (``$XDG_CACHE_HOME`` respected);
+  3. the copy Debian's ``dataset-fashion-mnist`` package installs (``/usr/share/datasets/fashion-mnist``);
+  4. otherwise the official file is downloaded into the user cache (temporary file, then rename).
+A file may be gzip-compressed (``NAME.gz``) or raw (``NAME``). Every file is verified by the
+SHA-256 of its *decompressed* bytes, so the official gz files and Debian's re-compressed ones
+both pass, and a corrupt or truncated file is never used.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+
+# SHA-256 of the decompressed IDX files (../shared/data/fashion-mnist/RAW-SHA256SUMS).
+RAW_SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+# Official download location, as listed in the Zalando repository's README.
+DEFAULT_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+
+
+class DataError(RuntimeError):
+    """A data file is missing, corrupt or malformed; the message names the file."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "distbn" / "fashion-mnist"
+
+
+def _file_names(train: bool) -> Tuple[str, str]:
+    split = "train" if train else "t10k"
+    return f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
+
+
+def _search_dirs(data_dir: Optional[os.PathLike]) -> List[Path]:
+    first = data_dir if data_dir is not None else os.environ.get("DISTBN_DATA_DIR")
+    dirs = [Path(first).expanduser()] if first else []
+    return dirs + [cache_dir(), SYSTEM_DIR]
+
+
+def _read_raw(path: Path) -> bytes:
+    """The file's content, decompressed when it is gzip data (judged by its magic bytes)."""
+    try:
+        data = path.read_bytes()
+        return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read ({e}); delete it and run again") from e
+
+
+def _verified_bytes(path: Path, name: str) -> bytes:
+    raw = _read_raw(path)
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != RAW_SHA256[name]:
+        raise DataError(
+            f"{path}: SHA-256 of the decompressed content is {digest}, expected "
+            f"{RAW_SHA256[name]} (corrupt or not the Fashion-MNIST file); delete it and run again")
+    return raw
+
+
+def parse_idx(raw: bytes, path: Path, expect_magic: int) -> np.ndarray:
+    """Parse an IDX file (big-endian header: magic, then one uint32 per dimension)."""
+    ndim = {IMAGE_MAGIC: 3, LABEL_MAGIC: 1}[expect_magic]
+    header = 4 * (1 + ndim)
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")
+    magic, *dims = struct.unpack(f">{1 + ndim}I", raw[:header])
+    if magic != expect_magic:
+        raise DataError(f"{path}: IDX magic number {magic}, expected {expect_magic}")
+    if ndim == 3 and tuple(dims[1:]) != (28, 28):
+        raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected 28x28")
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DataError(f"{path}: {len(raw)} bytes, the header {tuple(dims)} implies {expected} "
+                        f"(truncated or padded file)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _download(name: str, dest_dir: Path) -> Path:
+    url = os.environ.get("DISTBN_DATA_URL", DEFAULT_URL).rstrip("/") + f"/{name}.gz"
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / f"{name}.gz"
+    from tqdm import tqdm  # only needed here
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest_dir)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp, os.fdopen(fd, "wb") as out, \
+                tqdm(total=int(resp.headers.get("Content-Length") or 0) or None, unit="B",
+                     unit_scale=True, desc=f"download {name}.gz", file=sys.stderr) as bar:
+            for chunk in iter(lambda: resp.read(1 << 16), b""):
+                out.write(chunk)
+                bar.update(len(chunk))
+        _verified_bytes(Path(tmp), name)
+        os.replace(tmp, dest)  # atomic: the cache never holds a partial or unverified file
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return dest
+
+
+def _locate(name: str, data_dir: Optional[os.PathLike], download: bool) -> Path:
+    searched = []
+    for d in _search_dirs(data_dir):
+        for candidate in (d / f"{name}.gz", d / name):
+            searched.append(str(candidate))
+            if candidate.is_file():
+                return candidate
+    if download:
+        try:
+            return _download(name, cache_dir())
+        except DataError:
+            raise
+        except Exception as e:  # network errors of every kind end in the same advice
+            reason = f"download failed ({e})"
+    else:
+        reason = "download disabled"
+    raise DataError(
+        f"Fashion-MNIST file {name} not found; looked in: " + ", ".join(searched) +
+        f"; {reason}. Get the data with `apt-get install dataset-fashion-mnist` (Debian), or put "
+        f"the four official .gz files in a folder and pass it as data.dir / DISTBN_DATA_DIR.")
+
+
+def load_fashion_mnist(data_dir: Optional[os.PathLike] = None, train: bool = True,
+                       download: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """Return ``(images, labels)``: uint8 arrays of shape (N, 28, 28) and (N,)."""
+    img_name, lbl_name = _file_names(train)
+    img_path = _locate(img_name, data_dir, download)
+    lbl_path = _locate(lbl_name, data_dir, download)
+    images = parse_idx(_verified_bytes(img_path, img_name), img_path, IMAGE_MAGIC)
+    labels = parse_idx(_verified_bytes(lbl_path, lbl_name), lbl_path, LABEL_MAGIC)
+    if len(images) != len(labels):
+        raise DataError(f"{img_path} holds {len(images)} images but {lbl_path} "
+                        f"{len(labels)} labels")
+    return images, labels
+
+
+def shard_indices(n: int, rank: int, size: int, epoch: int, seed: int,
+                  drop_last: bool = False) -> np.ndarray:
+    """This worker's example indices for one epoch.
+
+    A permutation of range(n) drawn from (seed, epoch) is dealt round-robin to the workers.
+    Every worker gets the same count, ``n // size`` with ``drop_last`` (the tail is dropped)
+    or ``ceil(n / size)`` without it (the permutation wraps around to pad), so every worker
+    runs the same number of batches: a worker with fewer would leave the others waiting in a
+    collective forever.
+    """
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"rank {rank} is not in a world of size {size}")
+    if n < size and (drop_last or n == 0):
+        raise ValueError(f"{n} examples cannot be shared by {size} workers")
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    per_worker = n // size if drop_last else -(-n // size)
+    total = per_worker * size
+    if total > n:
+        perm = np.resize(perm, total)  # pad by wrapping around the permutation
+    return perm[rank:total:size]
+
+
+def eval_indices(n: int, rank: int, size: int) -> np.ndarray:
+    """Disjoint, unpadded, unshuffled shard for evaluation: every example counted exactly once.
+
+    Shards may differ in length by one; evaluation does no collective per batch (prediction
+    mode never communicates), only one metric all-reduce at the end, so that cannot hang.
+    """
+    return np.arange(rank, n, size)
+
+
+def iterate_batches(images: np.ndarray, labels: np.ndarray, indices: np.ndarray,
+                    batch_size: int, ctx=None) -> Iterator[Tuple["object", "object"]]:
+    """Yield ``(X, y)`` NDArrays: X float32 (b, 1, 28, 28) in [0, 1], y float32 (b,).
+
+    Only the batch is gathered and converted; the uint8 data set is never copied.
+    """
+    import mxnet as mx
+
+    ctx = ctx or mx.cpu()
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        x = images[idx].astype(np.float32)[:, None, :, :] * np.float32(1 / 255)
+        yield mx.nd.array(x, ctx=ctx, dtype=np.float32), mx.nd.array(labels[idx], ctx=ctx, dtype=np.float32)
+
+
+def num_batches(num_examples: int, batch_size: int) -> int:
+    return -(-num_examples // batch_size)

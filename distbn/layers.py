@@ -1,0 +1,166 @@
+"""Gluon blocks: the book's ``BatchNorm`` and its synchronized variant ``SyncBatchNorm``.
+
+Both share one training-mode kernel, :class:`_BatchNormFunction` (an ``mx.autograd.Function``):
+
+    forward:  local moments (C,) --[all-reduce 1: packed float64 (1 + 2C,)]--> global mean/var
+              -> y = gamma * (x - mean) / sqrt(var + eps) + beta   (MXNet's fused kernel)
+    backward: local sum(dy), sum(dy * x_hat) (C,) --[all-reduce 2: packed (2C,)]-->
+              dx = gamma/sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)) over the global batch
+
+``BatchNorm`` is the same with a group of one: no collective, the same code and numerics.
+
+Conventions (the book's and MXNet's; PyTorch differs):
+  * moving variance is updated with the *biased* batch variance (PyTorch uses the unbiased one);
+  * ``moving = momentum * moving + (1 - momentum) * batch`` with momentum 0.9 (PyTorch writes
+    the same average with momentum 0.1 on the *new* value);
+  * the moving statistics are updated in the forward pass (MXNet's fused operator does it in
+    the backward pass), from the global statistics, so they are identical on every worker.
+
+Hybridization: these are imperative ``Block``s (the sync layer communicates between forward
+ops), so they cannot sit inside a hybridized ``HybridSequential``. Put them in an
+``nn.Sequential`` and call ``hybridize()`` on it: every ``HybridBlock`` neighbour (conv,
+dense, pooling, activation) is compiled, the BN layers stay imperative.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import mxnet as mx
+from mxnet import autograd, gluon
+
+from . import stats
+from .comm import Comm, Group, get_comm
+
+
+class _BatchNormFunction(autograd.Function):
+    """Training-mode batch norm of ``x`` over the global batch of ``group`` (exact backward)."""
+
+    def __init__(self, comm: Optional[Comm], group: Optional[Group], name: str, eps: float):
+        super().__init__()
+        self._comm, self._group, self._name, self._eps = comm, group, name, eps
+        self._sync = comm is not None and comm.group_size(group) > 1
+        self.batch_stats = None  # (mean, var), (C,) each, read by the block after forward
+
+    def forward(self, x, gamma, beta):
+        channels = x.shape[1]
+        self._param_shape = gamma.shape
+        mean, var = stats.local_moments(x)
+        count = x.size // channels
+        if self._sync:
+            total = self._comm.allreduce_sum(stats.pack_moments(mean, var, count),
+                                             name=f"distbn.{self._name}.fwd", group=self._group)
+            mean, var, global_count = stats.unpack_moments(total, channels)
+            inv_count = 1.0 / global_count
+        else:
+            inv_count = mx.nd.full((1,), 1.0 / count, ctx=x.context)
+        gamma = gamma.reshape(-1)
+        y = stats.normalize(x, gamma, beta.reshape(-1), mean, var, self._eps)
+        invstd = mx.nd.rsqrt(var + self._eps)
+        # Save a new array derived from gamma, never gamma's own buffer: keeping a Parameter's
+        # data alive in a Function hangs the next Trainer.step (apache/mxnet#15844).
+        self.save_for_backward(x, mean, invstd, gamma * invstd, inv_count)
+        self.batch_stats = (mean, var)
+        return y
+
+    def backward(self, dy):
+        x, mean, invstd, scale, inv_count = self.saved_tensors
+        x_centred = mx.nd.broadcast_sub(x, stats.channel_view(mean, x.ndim))
+        sum_dy, sum_dy_xhat = stats.backward_sums(dy, x_centred, invstd)
+        global_dy, global_dy_xhat = sum_dy, sum_dy_xhat
+        if self._sync:
+            channels = sum_dy.shape[0]
+            total = self._comm.allreduce_sum(mx.nd.concat(sum_dy, sum_dy_xhat, dim=0),
+                                             name=f"distbn.{self._name}.bwd", group=self._group)
+            global_dy, global_dy_xhat = total[:channels], total[channels:]
+        dx = stats.input_grad(dy, x_centred, scale, invstd, global_dy, global_dy_xhat, inv_count)
+        # gamma/beta get this worker's share; the distributed trainer sums the shares.
+        return dx, sum_dy_xhat.reshape(self._param_shape), sum_dy.reshape(self._param_shape)
+
+
+def _param_shape(num_features: int, num_dims: Optional[int]) -> tuple:
+    if num_dims == 2:
+        return (1, num_features)
+    if num_dims == 4:
+        return (1, num_features, 1, 1)
+    if num_dims is None:  # Gluon's layout, used when converting gluon.nn.BatchNorm
+        return (num_features,)
+    raise ValueError(f"num_dims must be 2 (after a dense layer) or 4 (after a convolution), "
+                     f"got {num_dims}")
+
+
+class BatchNorm(gluon.Block):
+    """The book's batch-norm block: ``BatchNorm(num_features, num_dims)``.
+
+    Parameters ``gamma`` (init 1) and ``beta`` (init 0) of shape (1, C) for ``num_dims=2`` and
+    (1, C, 1, 1) for ``num_dims=4``; non-trainable parameters ``moving_mean`` (init 0) and
+    ``moving_var`` (init 1), saved and loaded with the others. Training mode normalizes with
+    the batch statistics and updates the moving ones; prediction mode uses the moving ones.
+    """
+
+    def __init__(self, num_features: int, num_dims: Optional[int] = 4, eps: float = 1e-5,
+                 momentum: float = 0.9, **kwargs):
+        super().__init__(**kwargs)
+        if num_features < 1:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        self.num_features, self.num_dims = num_features, num_dims
+        self.eps, self.momentum = eps, momentum
+        shape = _param_shape(num_features, num_dims)
+        with self.name_scope():
+            self.gamma = self.params.get("gamma", shape=shape, init=mx.init.One())
+            self.beta = self.params.get("beta", shape=shape, init=mx.init.Zero())
+            self.moving_mean = self.params.get("moving_mean", shape=shape, init=mx.init.Zero(),
+                                               grad_req="null", differentiable=False)
+            self.moving_var = self.params.get("moving_var", shape=shape, init=mx.init.One(),
+                                              grad_req="null", differentiable=False)
+
+    def _comm_group(self):
+        """(communicator, group) for the statistics; None means local statistics."""
+        return None, None
+
+    def forward(self, x):
+        if x.ndim not in (2, 4) or (self.num_dims is not None and x.ndim != self.num_dims):
+            raise ValueError(f"{self.name}: expected {self.num_dims or '2 or 4'}-D input, "
+                             f"got shape {x.shape}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"{self.name}: expected {self.num_features} channels on axis 1, "
+                             f"got shape {x.shape}")
+        ctx = x.context
+        gamma, beta = self.gamma.data(ctx), self.beta.data(ctx)
+        moving_mean, moving_var = self.moving_mean.data(ctx), self.moving_var.data(ctx)
+        if not autograd.is_training():  # prediction: moving statistics, never a collective
+            return stats.normalize(x, gamma.reshape(-1), beta.reshape(-1),
+                                   moving_mean.reshape(-1), moving_var.reshape(-1), self.eps)
+        comm, group = self._comm_group()
+        fn = _BatchNormFunction(comm, group, self.name, self.eps)
+        y = fn(x, gamma, beta)
+        with autograd.pause():
+            mean, var = fn.batch_stats
+            stats.blend(moving_mean, mean, self.momentum)
+            stats.blend(moving_var, var, self.momentum)
+        return y
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.num_features}, num_dims={self.num_dims}, "
+                f"eps={self.eps}, momentum={self.momentum})")
+
+
+class SyncBatchNorm(BatchNorm):
+    """``BatchNorm`` whose training-mode statistics are those of the global batch.
+
+    The global batch is the union of the batches of all workers (or of ``process_set``, a
+    :class:`distbn.comm.Group`). Two collectives per training step, one packed all-reduce in
+    forward and one in backward, named after the block, so networks must be built in the same
+    order on every rank. Uneven per-worker batches are weighted by their counts (a worker may
+    hold a single example). With one worker it does no collective and equals ``BatchNorm``.
+    """
+
+    def __init__(self, num_features: int, num_dims: Optional[int] = 4, eps: float = 1e-5,
+                 momentum: float = 0.9, process_set: Optional[Group] = None, **kwargs):
+        super().__init__(num_features, num_dims, eps, momentum, **kwargs)
+        if process_set is not None and not isinstance(process_set, Group):
+            raise TypeError("process_set must be a distbn.comm.Group (from get_comm().group(ranks))"
+                            f" or None, got {type(process_set).__name__}")
+        self.process_set = process_set
+
+    def _comm_group(self):
+        return get_comm(), self.process_set

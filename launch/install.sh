@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Install distbn into ./.venv on a fresh machine: MXNet (CPU or CUDA 11.2 build), Horovod
+# compiled against it (MXNet + Gloo, plus NCCL on GPU machines), then distbn itself.
+#
+#   launch/install.sh            # auto: CUDA build if `nvidia-smi -L` lists a GPU, else CPU
+#   DISTBN_DEVICE=gpu launch/install.sh   # force mxnet-cu112 (needs CUDA 11.2, cuDNN 8, NCCL 2)
+#   DISTBN_DEVICE=cpu launch/install.sh   # force the CPU build
+#   DISTBN_EXTRAS=dev,d2l launch/install.sh   # extras of pyproject.toml (default: dev)
+#
+# Idempotent: a stamp in .venv records what was installed; with nothing changed a re-run only
+# re-verifies (a few seconds). The Horovod wheel is cached by us under a directory whose name
+# records Python, MXNet build and Horovod version, because pip's own wheel cache ignores the
+# HOROVOD_* variables and would silently reuse a wheel built without MXNet.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$here"
+PYTHON=${PYTHON:-python3}
+VENV=${DISTBN_VENV:-$here/.venv}
+EXTRAS=${DISTBN_EXTRAS:-dev}
+HOROVOD_VERSION=0.28.1
+MXNET_VERSION=1.9.1
+WHEEL_CACHE=${DISTBN_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/distbn/wheels}
+
+log() { printf '[install] %s\n' "$*" >&2; }
+die() { printf '[install] error: %s\n' "$*" >&2; exit 1; }
+
+device=${DISTBN_DEVICE:-auto}
+if [ "$device" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+    device=gpu
+  else
+    device=cpu
+  fi
+fi
+case "$device" in
+  cpu) mxnet_pkg=mxnet ;;
+  gpu) mxnet_pkg=mxnet-cu112 ;;
+  *) die "DISTBN_DEVICE must be auto, cpu or gpu (got '$device')" ;;
+esac
+
+# Everything that decides the result of an install goes into the stamp.
+stamp_file="$VENV/.distbn-install-stamp"
+stamp=$( { echo "$device $EXTRAS $HOROVOD_VERSION $MXNET_VERSION";
+           cat pyproject.toml constraints.txt launch/install.sh; } | sha256sum | cut -d' ' -f1)
+
+verify() {
+  # --check-build must list MXNet and Gloo as built; the import proves the extension loads.
+  local out
+  out=$("$VENV/bin/horovodrun" --check-build 2>&1) || { echo "$out" >&2; return 1; }
+  grep -q '\[X\] MXNet' <<<"$out" || { echo "$out" >&2; echo "Horovod was built without MXNet" >&2; return 1; }
+  grep -q '\[X\] Gloo' <<<"$out" || { echo "$out" >&2; echo "Horovod was built without Gloo" >&2; return 1; }
+  "$VENV/bin/python" -W ignore -c 'import horovod.mxnet as hvd, distbn; hvd.init(); assert hvd.size() == 1'
+}
+
+if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && verify; then
+  log "up to date ($device build in $VENV)"
+  exit 0
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV with $($PYTHON --version 2>&1)"
+  "$PYTHON" -m venv "$VENV"
+fi
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
+export PIP_CONSTRAINT="$here/constraints.txt"
+
+log "installing numpy, $mxnet_pkg==$MXNET_VERSION and Horovod's build requirements"
+"${pip[@]}" install -q numpy "$mxnet_pkg==$MXNET_VERSION" wheel packaging cloudpickle psutil pyyaml
+if [ "$device" = cpu ] && "${pip[@]}" show -q mxnet-cu112 >/dev/null 2>&1; then
+  "${pip[@]}" uninstall -y -q mxnet-cu112
+elif [ "$device" = gpu ] && "${pip[@]}" show -q mxnet >/dev/null 2>&1; then
+  "${pip[@]}" uninstall -y -q mxnet
+fi
+command -v cmake >/dev/null 2>&1 || "${pip[@]}" install -q cmake
+
+pytag=$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+ops=gloo; [ "$device" = gpu ] && ops=gloo-nccl
+wheel_dir="$WHEEL_CACHE/horovod-$HOROVOD_VERSION-$pytag-$mxnet_pkg-$MXNET_VERSION-$ops-$(uname -m)"
+if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+  log "building Horovod $HOROVOD_VERSION against $mxnet_pkg (2-3 minutes) into $wheel_dir"
+  tmp=$(mktemp -d "${WHEEL_CACHE%/}.tmp.XXXXXX" 2>/dev/null || { mkdir -p "$WHEEL_CACHE"; mktemp -d "$WHEEL_CACHE/.tmp.XXXXXX"; })
+  env HOROVOD_WITH_MXNET=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 \
+      HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_CPU_OPERATIONS=gloo \
+      $( [ "$device" = gpu ] && echo HOROVOD_GPU_OPERATIONS=NCCL ) \
+      MAKEFLAGS="-j$(nproc)" \
+      "${pip[@]}" wheel --no-deps --no-build-isolation --no-cache-dir -w "$tmp" "horovod==$HOROVOD_VERSION"
+  mkdir -p "$(dirname "$wheel_dir")"
+  rm -rf "$wheel_dir"
+  mv "$tmp" "$wheel_dir"   # atomic: a half-built wheel never sits under the final name
+fi
+log "installing Horovod from $wheel_dir"
+"${pip[@]}" install -q --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
+"${pip[@]}" install -q cloudpickle psutil pyyaml
+
+log "installing distbn (editable) with extras [$EXTRAS]"
+"${pip[@]}" install -q -e ".[${EXTRAS}]"
+
+verify || die "verification failed: Horovod cannot run with MXNet in $VENV"
+echo "$stamp" > "$stamp_file"
+log "done ($device build in $VENV)"

@@ -73,6 +73,10 @@ class _BatchNormFunction(autograd.Function):
                                              name=f"distbn.{self._name}.bwd", group=self._group)
             global_dy, global_dy_xhat = total[:channels], total[channels:]
         dx = stats.input_grad(dy, x_centred, scale, invstd, global_dy, global_dy_xhat, inv_count)
+        # MXNet's backward pass plans memory: once this callback returns, dy's buffer may be
+        # handed to a later node under another engine variable, so no queued op of ours may
+        # still read it. dx depends on every read of dy (directly and through both sums).
+        dx.wait_to_read()
         # gamma/beta get this worker's share; the distributed trainer sums the shares.
         return dx, sum_dy_xhat.reshape(self._param_shape), sum_dy.reshape(self._param_shape)
 

@@ -1,0 +1,238 @@
+"""distbn.data: lookup order, verification, IDX parsing, download, sharding, batching."""
+import gzip
+import hashlib
+import http.server
+import shutil
+import struct
+import threading
+from functools import partial
+
+import numpy as np
+import pytest
+
+from distbn import data
+
+NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+
+
+def idx_bytes(arr, magic):
+    return struct.pack(f">{1 + arr.ndim}I", magic, *arr.shape) + arr.astype(np.uint8).tobytes()
+
+
+def write_small_set(folder, n=5, seed=0, compress=True):
+    """Write a small train split; return (images, labels, checksums of the raw files)."""
+    rs = np.random.RandomState(seed)
+    images = rs.randint(0, 256, size=(n, 28, 28)).astype(np.uint8)
+    labels = rs.randint(0, 10, size=n).astype(np.uint8)
+    sums = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, raw in zip(NAMES, [idx_bytes(images, 2051), idx_bytes(labels, 2049)]):
+        sums[name] = hashlib.sha256(raw).hexdigest()
+        if compress:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
+        else:
+            (folder / name).write_bytes(raw)
+    return images, labels, sums
+
+
+@pytest.fixture(autouse=True)
+def isolated_lookup(tmp_path, monkeypatch):
+    """No test sees the real cache, the system copy or the network unless it asks to."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.delenv("DISTBN_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "system")
+    monkeypatch.setenv("DISTBN_DATA_URL", "http://127.0.0.1:9/")  # discard port: refused at once
+
+
+# --- small generated IDX files ------------------------------------------------------------
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_good_small_files_load(tmp_path, compress):
+    images, labels, sums = write_small_set(tmp_path / "d", compress=compress)
+    got_x, got_y = data.load_fashion_mnist(tmp_path / "d", checksums=sums)
+    assert got_x.shape == (5, 28, 28) and got_x.dtype == np.uint8
+    assert got_y.shape == (5,) and got_y.dtype == np.uint8
+    np.testing.assert_array_equal(got_x, images)
+    np.testing.assert_array_equal(got_y, labels)
+
+
+def test_truncated_file_is_named(tmp_path):
+    _, _, sums = write_small_set(tmp_path / "d", compress=False)
+    path = tmp_path / "d" / NAMES[0]
+    raw = path.read_bytes()[:-100]
+    path.write_bytes(raw)
+    sums[NAMES[0]] = hashlib.sha256(raw).hexdigest()  # checksum passes: parsing must catch it
+    with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte.*truncated"):
+        data.load_fashion_mnist(tmp_path / "d", checksums=sums)
+
+
+def test_wrong_magic_is_named(tmp_path):
+    _, _, sums = write_small_set(tmp_path / "d", compress=False)
+    path = tmp_path / "d" / NAMES[1]
+    raw = struct.pack(">I", 2051) + path.read_bytes()[4:]
+    path.write_bytes(raw)
+    sums[NAMES[1]] = hashlib.sha256(raw).hexdigest()
+    with pytest.raises(data.DataError, match=r"train-labels-idx1-ubyte: IDX magic number 2051, expected 2049"):
+        data.load_fashion_mnist(tmp_path / "d", checksums=sums)
+
+
+def test_wrong_checksum_is_named(tmp_path):
+    _, _, sums = write_small_set(tmp_path / "d")
+    sums[NAMES[0]] = "0" * 64
+    with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte.gz: SHA-256"):
+        data.load_fashion_mnist(tmp_path / "d", checksums=sums)
+
+
+def test_corrupt_gzip_is_named(tmp_path):
+    _, _, sums = write_small_set(tmp_path / "d")
+    path = tmp_path / "d" / f"{NAMES[0]}.gz"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte.gz: cannot read"):
+        data.load_fashion_mnist(tmp_path / "d", checksums=sums)
+
+
+def test_lookup_order_env_then_cache_then_system(tmp_path, monkeypatch):
+    _, _, sums_sys = write_small_set(tmp_path / "system", n=3, seed=1)
+    _, _, sums_cache = write_small_set(data.cache_dir(), n=4, seed=2)
+    _, _, sums_env = write_small_set(tmp_path / "env", n=6, seed=3)
+    # Each directory has different content: the length tells which one was read.
+    monkeypatch.setenv("DISTBN_DATA_DIR", str(tmp_path / "env"))
+    assert len(data.load_fashion_mnist(checksums=sums_env)[0]) == 6
+    # The argument beats the environment variable.
+    assert len(data.load_fashion_mnist(data.cache_dir(), checksums=sums_cache)[0]) == 4
+    monkeypatch.delenv("DISTBN_DATA_DIR")
+    assert len(data.load_fashion_mnist(checksums=sums_cache)[0]) == 4
+    shutil.rmtree(data.cache_dir())
+    assert len(data.load_fashion_mnist(checksums=sums_sys)[0]) == 3
+
+
+def test_missing_everywhere_names_places_and_remedy(tmp_path):
+    with pytest.raises(data.DataError) as e:
+        data.load_fashion_mnist()
+    msg = str(e.value)
+    assert "train-images-idx3-ubyte" in msg and str(data.cache_dir()) in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "download failed" in msg
+    assert not data.cache_dir().exists() or not any(data.cache_dir().iterdir())
+
+
+# --- download, served from a loopback HTTP server ---------------------------------------
+
+@pytest.fixture
+def serve(tmp_path, monkeypatch):
+    def start(folder):
+        handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *a, **k: None
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        monkeypatch.setenv("DISTBN_DATA_URL", f"http://127.0.0.1:{httpd.server_address[1]}/")
+        servers.append(httpd)
+    servers = []
+    yield start
+    for s in servers:
+        s.shutdown()
+
+
+def test_download_into_cache_atomically(serve, shared_data):
+    serve(shared_data)
+    images, labels = data.load_fashion_mnist(train=False)
+    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    files = sorted(p.name for p in data.cache_dir().iterdir())
+    assert files == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+
+
+def test_corrupt_download_leaves_nothing(serve, tmp_path, shared_data):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(shared_data / "t10k-labels-idx1-ubyte.gz", bad)
+    raw = bytearray(gzip.decompress((shared_data / "t10k-images-idx3-ubyte.gz").read_bytes()))
+    raw[5000] ^= 0xFF  # one flipped pixel
+    (bad / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(raw)))
+    serve(bad)
+    with pytest.raises(data.DataError, match="SHA-256"):
+        data.load_fashion_mnist(train=False)
+    assert list(data.cache_dir().iterdir()) == []  # neither the bad file nor a .part
+
+
+# --- the real copy in ../shared ----------------------------------------------------------
+
+def test_real_fashion_mnist(shared_data):
+    x, y = data.load_fashion_mnist(shared_data, train=True)
+    assert x.shape == (60000, 28, 28) and y.shape == (60000,)
+    assert np.bincount(y, minlength=10).tolist() == [6000] * 10
+    assert abs(x.mean() / 255 - 0.2860) < 5e-4
+    xt, yt = data.load_fashion_mnist(shared_data, train=False)
+    assert xt.shape == (10000, 28, 28) and np.bincount(yt).tolist() == [1000] * 10
+
+
+def test_real_copy_with_a_flipped_byte_is_refused(tmp_path, shared_data):
+    d = tmp_path / "copy"
+    d.mkdir()
+    shutil.copy(shared_data / "t10k-images-idx3-ubyte.gz", d)
+    raw = bytearray(gzip.decompress((shared_data / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    raw[100] = (raw[100] + 1) % 10
+    (d / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(data.DataError, match=r"t10k-labels-idx1-ubyte.gz: SHA-256"):
+        data.load_fashion_mnist(d, train=False)
+
+
+def test_truncated_real_gz_is_refused(tmp_path, shared_data):
+    d = tmp_path / "copy"
+    d.mkdir()
+    blob = (shared_data / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    (d / "t10k-labels-idx1-ubyte.gz").write_bytes(blob[: len(blob) // 2])
+    shutil.copy(shared_data / "t10k-images-idx3-ubyte.gz", d)
+    with pytest.raises(data.DataError, match=r"t10k-labels-idx1-ubyte.gz"):
+        data.load_fashion_mnist(d, train=False)
+
+
+# --- sharding ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", range(1, 9))
+@pytest.mark.parametrize("n", [1, 7, 17, 100, 101, 1000])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_shard_properties(n, size, drop_last):
+    if drop_last and n < size:
+        with pytest.raises(ValueError):
+            data.shard_indices(n, 0, size, epoch=0, seed=0, drop_last=True)
+        return
+    shards = [data.shard_indices(n, r, size, epoch=3, seed=42, drop_last=drop_last)
+              for r in range(size)]
+    per = n // size if drop_last else -(-n // size)
+    assert all(len(s) == per for s in shards), "every worker must get the same count"
+    flat = np.concatenate(shards)
+    assert flat.min() >= 0 and flat.max() < n
+    if drop_last:
+        assert len(set(flat.tolist())) == len(flat), "shards overlap"
+    else:
+        assert set(flat.tolist()) == set(range(n)), "some example is never seen"
+        if per * size - n <= n:  # padding repeats at most per*size - n examples, once each
+            assert len(flat) - len(set(flat.tolist())) == per * size - n
+    # the same (seed, epoch) gives the same shard on every call (on every worker)
+    again = data.shard_indices(n, size - 1, size, epoch=3, seed=42, drop_last=drop_last)
+    np.testing.assert_array_equal(again, shards[-1])
+
+
+def test_shards_reshuffle_per_epoch_and_seed():
+    a = data.shard_indices(1000, 1, 4, epoch=0, seed=0)
+    assert not np.array_equal(a, data.shard_indices(1000, 1, 4, epoch=1, seed=0))
+    assert not np.array_equal(a, data.shard_indices(1000, 1, 4, epoch=0, seed=1))
+
+
+@pytest.mark.parametrize("size", range(1, 9))
+def test_eval_indices_partition(size):
+    parts = [data.eval_indices(101, r, size) for r in range(size)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(101))
+
+
+def test_iterate_batches_shapes_and_values():
+    rs = np.random.RandomState(0)
+    images = rs.randint(0, 256, size=(10, 28, 28)).astype(np.uint8)
+    labels = np.arange(10).astype(np.uint8)
+    idx = np.array([9, 3, 4, 0, 7])
+    batches = list(data.iterate_batches(images, labels, idx, batch_size=2))
+    assert [b[0].shape for b in batches] == [(2, 1, 28, 28), (2, 1, 28, 28), (1, 1, 28, 28)]
+    x = np.concatenate([b[0].asnumpy() for b in batches])
+    y = np.concatenate([b[1].asnumpy() for b in batches])
+    assert x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+    np.testing.assert_allclose(x[:, 0] * 255, images[idx], atol=1e-3)
+    np.testing.assert_array_equal(y, labels[idx])

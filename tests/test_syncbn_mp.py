@@ -1,0 +1,43 @@
+"""SyncBatchNorm under horovodrun on the CPU (Gloo): every case bounded by a timeout."""
+import pytest
+
+from conftest import MP, horovodrun, python
+
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.mark.parametrize("np_", [2, 4])
+@pytest.mark.parametrize("ndim", [2, 4])
+@pytest.mark.parametrize("split", ["equal", "unequal"])
+def test_sync_equals_plain_bn_on_the_concatenated_batch(np_, ndim, split):
+    sizes = "4,4,4,4" if split == "equal" else "3,5,1,7"
+    _, out = horovodrun(np_, [MP / "syncbn_equivalence.py", "--ndim", ndim, "--sizes", sizes,
+                              "--steps", 3], timeout=180)
+    assert out.count(": OK") == np_, out
+
+
+def test_size_one_equals_plain_bn_without_collective():
+    _, out = python([MP / "syncbn_equivalence.py", "--ndim", 4, "--sizes", 9])
+    assert "rank 0/1 sizes=[9] ndim=4: OK" in out, out
+
+
+def test_local_bn_is_caught_by_the_same_check():
+    """Negative control: per-worker BN on N > 1 workers must fail the equivalence check."""
+    code, out = horovodrun(2, [MP / "syncbn_equivalence.py", "--ndim", 4, "--layer", "local"],
+                           timeout=180, check=False)
+    assert code != 0 and "MISMATCH" in out, out
+
+
+def test_process_sets_keep_statistics_within_each_set():
+    _, out = horovodrun(4, [MP / "process_sets.py"], timeout=180,
+                        env={"HOROVOD_DYNAMIC_PROCESS_SETS": "1"})
+    assert out.count(": OK") == 4, out
+
+
+@pytest.mark.parametrize("np_", [1, 2])
+def test_large_mean_small_spread_over_workers(np_):
+    if np_ == 1:
+        _, out = python([MP / "stress.py"])
+    else:
+        _, out = horovodrun(np_, [MP / "stress.py"], timeout=180)
+    assert out.count(": OK") == np_, out

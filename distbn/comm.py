@@ -54,16 +54,27 @@ class Comm:
         self.collectives += 1
         return _hvd.allreduce(x, name=name, op=_hvd.Sum, **self._ps(group))
 
-    def broadcast_(self, params, root: int = 0, prefix: str = "bcast"):
+    def allreduce_max(self, x, name: str):
+        """Element-wise maximum of ``x`` over all workers."""
+        if self.size == 1:
+            return x
+        self.collectives += 1
+        return _hvd.allreduce(x, name=name, op=_hvd.Max)
+
+    def broadcast(self, x, name: str, root: int = 0):
+        """Root's ``x`` on every worker (a new array; ``x`` is left as it was)."""
+        if self.size == 1:
+            return x
+        self.collectives += 1
+        return _hvd.broadcast(x, root_rank=root, name=name)
+
+    def broadcast_parameters(self, params, root: int = 0, prefix: str = "bcast"):
         """Overwrite Gluon parameters (a ParameterDict or dict) with root's values, in place."""
         if self.size > 1:
             self.collectives += 1
             _hvd.broadcast_parameters(params, root_rank=root, prefix=prefix)
-
-    def barrier(self) -> None:
-        if self.size > 1:
             import mxnet as mx
-            self.allreduce_sum(mx.nd.zeros(1), name="distbn.barrier").wait_to_read()
+            mx.nd.waitall()  # in place and asynchronous: make the values final before use
 
     def trainer(self, params, optimizer: str, optimizer_params: dict):
         """A Gluon trainer whose gradients are averaged over all workers before each step."""

@@ -1,11 +1,13 @@
 """Gluon blocks: the book's ``BatchNorm`` and its synchronized variant ``SyncBatchNorm``.
 
-Both share one training-mode kernel, :class:`_BatchNormFunction` (an ``mx.autograd.Function``):
+Both share one training-mode path:
 
     forward:  local moments (C,) --[all-reduce 1: packed float64 (1 + 2C,)]--> global mean/var
               -> y = gamma * (x - mean) / sqrt(var + eps) + beta   (MXNet's fused kernel)
-    backward: local sum(dy), sum(dy * x_hat) (C,) --[all-reduce 2: packed (2C,)]-->
-              dx = gamma/sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)) over the global batch
+    backward: the fused kernel's backward gives sum(dy), sum(dy * x_hat) (C,) and gamma/sigma*dy
+              --[all-reduce 2: packed (2C,)]--> :class:`_ExactStatsGrad` adds the terms through
+              the statistics: dx = gamma/sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)),
+              means over the global batch
 
 ``BatchNorm`` is the same with a group of one: no collective, the same code and numerics.
 
@@ -32,53 +34,69 @@ from . import stats
 from .comm import Comm, Group, get_comm
 
 
-class _BatchNormFunction(autograd.Function):
-    """Training-mode batch norm of ``x`` over the global batch of ``group`` (exact backward)."""
+class _ExactStatsGrad(autograd.Function):
+    """Identity on ``(x, gamma, beta)`` in forward; fixes the gradient in backward.
 
-    def __init__(self, comm: Optional[Comm], group: Optional[Group], name: str, eps: float):
+    The layer computes ``y = normalize(x, gamma, beta, mean, var)`` with MXNet's fused kernel,
+    whose backward holds ``mean`` and ``var`` constant: it yields ``d_part = gamma*invstd*dy``,
+    ``dgamma = sum(dy * x_hat)`` and ``dbeta = sum(dy)``. The statistics depend on ``x`` over
+    the *global* batch, so the exact input gradient is
+
+        dx = d_part - gamma*invstd * (sum_g(dy) + x_hat * sum_g(dy * x_hat)) / N
+
+    with ``sum_g`` the sums over all workers: this function's backward receives the three
+    gradients above, all-reduces (dbeta, dgamma) packed in one (2C,) array, and adds the
+    correction in one more pass of the fused kernel.
+    """
+
+    def __init__(self, comm: Optional[Comm], group: Optional[Group], name: str,
+                 mean, var, inv_count, eps: float):
         super().__init__()
         self._comm, self._group, self._name, self._eps = comm, group, name, eps
         self._sync = comm is not None and comm.group_size(group) > 1
-        self.batch_stats = None  # (mean, var), (C,) each, read by the block after forward
+        self._mean, self._var, self._inv_count = mean, var, inv_count
 
     def forward(self, x, gamma, beta):
-        channels = x.shape[1]
         self._param_shape = gamma.shape
-        mean, var = stats.local_moments(x)
-        count = x.size // channels
-        if self._sync:
-            total = self._comm.allreduce_sum(stats.pack_moments(mean, var, count),
-                                             name=f"distbn.{self._name}.fwd", group=self._group)
-            mean, var, global_count = stats.unpack_moments(total, channels)
-            inv_count = 1.0 / global_count
-        else:
-            inv_count = mx.nd.full((1,), 1.0 / count, ctx=x.context)
         gamma = gamma.reshape(-1)
-        y = stats.normalize(x, gamma, beta.reshape(-1), mean, var, self._eps)
-        invstd = mx.nd.rsqrt(var + self._eps)
         # Save a new array derived from gamma, never gamma's own buffer: keeping a Parameter's
         # data alive in a Function hangs the next Trainer.step (apache/mxnet#15844).
-        self.save_for_backward(x, mean, invstd, gamma * invstd, inv_count)
-        self.batch_stats = (mean, var)
-        return y
+        self.save_for_backward(x, gamma * mx.nd.rsqrt(self._var + self._eps))
+        return x.reshape(x.shape), gamma, beta.reshape(-1)
 
-    def backward(self, dy):
-        x, mean, invstd, scale, inv_count = self.saved_tensors
-        x_centred = mx.nd.broadcast_sub(x, stats.channel_view(mean, x.ndim))
-        sum_dy, sum_dy_xhat = stats.backward_sums(dy, x_centred, invstd)
-        global_dy, global_dy_xhat = sum_dy, sum_dy_xhat
+    def backward(self, d_part, dgamma, dbeta):
+        x, scale = self.saved_tensors
+        sum_dy, sum_dy_xhat = dbeta, dgamma
         if self._sync:
-            channels = sum_dy.shape[0]
-            total = self._comm.allreduce_sum(mx.nd.concat(sum_dy, sum_dy_xhat, dim=0),
+            channels = dbeta.shape[0]
+            total = self._comm.allreduce_sum(mx.nd.concat(dbeta, dgamma, dim=0),
                                              name=f"distbn.{self._name}.bwd", group=self._group)
-            global_dy, global_dy_xhat = total[:channels], total[channels:]
-        dx = stats.input_grad(dy, x_centred, scale, invstd, global_dy, global_dy_xhat, inv_count)
-        # MXNet's backward pass plans memory: once this callback returns, dy's buffer may be
-        # handed to a later node under another engine variable, so no queued op of ours may
-        # still read it. dx depends on every read of dy (directly and through both sums).
+            sum_dy, sum_dy_xhat = total[:channels], total[channels:]
+        k = -mx.nd.broadcast_mul(scale, self._inv_count)  # (C,): -gamma*invstd/N
+        dx = d_part + stats.normalize(x, k * sum_dy_xhat, k * sum_dy, self._mean, self._var,
+                                      self._eps)
+        # MXNet's backward pass plans memory: once this callback returns, d_part's buffer may
+        # be handed to a later node under another engine variable, so no queued op of ours
+        # may still read it. dx depends on every read of it.
         dx.wait_to_read()
         # gamma/beta get this worker's share; the distributed trainer sums the shares.
-        return dx, sum_dy_xhat.reshape(self._param_shape), sum_dy.reshape(self._param_shape)
+        return dx, dgamma.reshape(self._param_shape), dbeta.reshape(self._param_shape)
+
+
+def _global_moments(x, comm: Optional[Comm], group: Optional[Group], name: str):
+    """(mean, var, 1/N) of ``x`` over the global batch: (C,), (C,), (1,) float32.
+
+    One collective when the group has several workers, none otherwise.
+    """
+    channels = x.shape[1]
+    count = x.size // channels
+    mean, var = stats.local_moments(x)
+    if comm is None or comm.group_size(group) == 1:
+        return mean, var, stats.const((1,), 1.0 / count, x.context)
+    total = comm.allreduce_sum(stats.pack_moments(mean, var, count), name=f"distbn.{name}.fwd",
+                               group=group)
+    mean, var, global_count = stats.unpack_moments(total, channels)
+    return mean, var, 1.0 / global_count
 
 
 def _param_shape(num_features: int, num_dims: Optional[int]) -> tuple:
@@ -135,13 +153,14 @@ class BatchNorm(gluon.Block):
             return stats.normalize(x, gamma.reshape(-1), beta.reshape(-1),
                                    moving_mean.reshape(-1), moving_var.reshape(-1), self.eps)
         comm, group = self._comm_group()
-        fn = _BatchNormFunction(comm, group, self.name, self.eps)
-        y = fn(x, gamma, beta)
-        with autograd.pause():
-            mean, var = fn.batch_stats
+        with autograd.pause():  # statistics enter the graph as constants; see _ExactStatsGrad
+            mean, var, inv_count = _global_moments(x, comm, group, self.name)
             stats.blend(moving_mean, mean, self.momentum)
             stats.blend(moving_var, var, self.momentum)
-        return y
+        if autograd.is_recording():  # (training mode without recording needs no gradient)
+            x, gamma, beta = _ExactStatsGrad(comm, group, self.name, mean, var, inv_count,
+                                             self.eps)(x, gamma, beta)
+        return stats.normalize(x, gamma.reshape(-1), beta.reshape(-1), mean, var, self.eps)
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.num_features}, num_dims={self.num_dims}, "

@@ -1,0 +1,100 @@
+"""Atomic checkpoints: a crash at any moment leaves the previous checkpoint loadable.
+
+Layout of ``RUN_DIR/checkpoints``::
+
+    epoch-0003/model.params     network parameters, moving statistics included
+    epoch-0003/trainer.states   optimizer state (momentum buffers)
+    epoch-0003/meta.json        {"epoch": 3, "global_step": ..., "config": {...}}
+    latest                      the name of the newest complete checkpoint
+
+A checkpoint is written into a temporary folder, flushed to disk, then renamed into place; only
+then is ``latest`` replaced (write a temporary file, rename over the old one).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    epoch: int
+    global_step: int
+
+    @property
+    def params(self) -> Path:
+        return self.path / "model.params"
+
+    @property
+    def states(self) -> Path:
+        return self.path / "trainer.states"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def save(ckpt_dir: Path, epoch: int, global_step: int, net, trainer, config: dict) -> Checkpoint:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    name = f"epoch-{epoch:04d}"
+    tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    net.save_parameters(str(tmp / "model.params"))
+    trainer.save_states(str(tmp / "trainer.states"))
+    (tmp / "meta.json").write_text(json.dumps(
+        {"epoch": epoch, "global_step": global_step, "config": config}, indent=1))
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    final = ckpt_dir / name
+    if final.exists():  # the same epoch again (a resumed run): move the old one aside first
+        old = ckpt_dir / f".old-{name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    latest_tmp = ckpt_dir / f".latest-{os.getpid()}"
+    latest_tmp.write_text(name + "\n")
+    _fsync_file(latest_tmp)
+    os.replace(latest_tmp, ckpt_dir / "latest")
+    _fsync_dir(ckpt_dir)
+    return Checkpoint(final, epoch, global_step)
+
+
+def _read(path: Path) -> Optional[Checkpoint]:
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        if not (path / "model.params").is_file() or not (path / "trainer.states").is_file():
+            return None
+        return Checkpoint(path, int(meta["epoch"]), int(meta["global_step"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def latest(ckpt_dir: Path) -> Optional[Checkpoint]:
+    """The newest complete checkpoint: the one ``latest`` names, else the newest readable one."""
+    pointer = ckpt_dir / "latest"
+    if pointer.is_file():
+        found = _read(ckpt_dir / pointer.read_text().strip())
+        if found is not None:
+            return found
+    for path in sorted(ckpt_dir.glob("epoch-*"), reverse=True):
+        found = _read(path)
+        if found is not None:
+            return found
+    return None

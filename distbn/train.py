@@ -1,0 +1,275 @@
+"""Data-parallel LeNet on Fashion-MNIST.
+
+    horovodrun -np 4 python -m distbn.train --config configs/lenet_syncbn.yaml
+    python -m distbn.train --config configs/lenet_syncbn.yaml        # one process: GPU 0 or CPU
+
+Options: ``--set KEY=VALUE`` (repeatable) overrides the YAML; ``--run-dir DIR`` names the run
+directory (default ``log.dir/NAME-TIMESTAMP``); ``--resume`` continues from the newest complete
+checkpoint in ``--run-dir`` (same command as the original run, plus ``--resume``).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .config import Config, ConfigError, dump_config, load_config
+
+
+def _is_root_before_init() -> bool:
+    """Whether this process prints errors found before Horovod starts (horovodrun sets the rank)."""
+    return os.environ.get("HOROVOD_RANK", "0") == "0"
+
+
+def fail(msg: str, code: int = 2, is_root: Optional[bool] = None) -> None:
+    """Exit with ``code``; the message is printed once for the job, by rank 0."""
+    if _is_root_before_init() if is_root is None else is_root:
+        print(f"distbn.train: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m distbn.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", help="YAML config (configs/*.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set train.epochs=2 (repeatable)")
+    ap.add_argument("--run-dir", help="run directory (default: log.dir/NAME-TIMESTAMP)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the newest complete checkpoint of --run-dir")
+    return ap.parse_args(argv)
+
+
+# Keys that may change between a run and its resumption.
+_RESUMABLE_CHANGES = {"train.epochs", "log.every_steps", "log.histograms", "log.progress"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resolve_config(args) -> tuple:
+    """(Config, run_dir) from the command line; raises ConfigError on anything unusable."""
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    saved = run_dir / "config.yaml" if run_dir else None
+    if args.resume and run_dir is None:
+        raise ConfigError("--resume needs --run-dir (the run to continue)")
+    if args.config is None and not (args.resume and saved.is_file()):
+        raise ConfigError("--config is required (or --resume with a --run-dir that has config.yaml)")
+    cfg = load_config(args.config or str(saved), args.overrides)
+    if args.resume and saved.is_file():
+        before = _flatten(load_config(str(saved)).to_dict())
+        now = _flatten(cfg.to_dict())
+        changed = sorted(k for k in now if now[k] != before.get(k) and k not in _RESUMABLE_CHANGES)
+        if changed:
+            raise ConfigError(f"--resume with a different {changed[0]} ({before.get(changed[0])!r} "
+                              f"in {saved}, {now[changed[0]]!r} now)")
+    if run_dir is None:
+        run_dir = Path(cfg.log.dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg, run_dir
+
+
+@dataclass
+class Data:
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def load_data(cfg: Config) -> Data:
+    from .data import load_fashion_mnist
+
+    train_x, train_y = load_fashion_mnist(cfg.data.dir, train=True)
+    test_x, test_y = load_fashion_mnist(cfg.data.dir, train=False)
+    if cfg.data.limit:
+        train_x, train_y = train_x[:cfg.data.limit], train_y[:cfg.data.limit]
+    if cfg.data.test_limit:
+        test_x, test_y = test_x[:cfg.data.test_limit], test_y[:cfg.data.test_limit]
+    return Data(train_x, train_y, test_x, test_y)
+
+
+def device(comm):
+    """GPU ``local_rank`` when there are GPUs, else the CPU."""
+    import mxnet as mx
+    n = mx.context.num_gpus()
+    return mx.gpu(comm.local_rank % n) if n > 0 else mx.cpu()
+
+
+def build_model(cfg: Config, ctx, comm):
+    import mxnet as mx
+    from .models import lenet
+
+    mx.random.seed(cfg.train.seed)  # identical everywhere; rank 0's values are broadcast anyway
+    net = lenet(cfg.model.bn)
+    net.initialize(mx.init.Xavier(), ctx=ctx)
+    if cfg.model.hybridize:
+        net.hybridize()
+    return net
+
+
+def train_epoch(epoch, cfg, comm, net, trainer, data, ctx, log, global_step):
+    """One pass over this worker's shard. Returns (loss_sum, correct, count, global_step)."""
+    import mxnet as mx
+    from mxnet import autograd
+    from .data import iterate_batches, num_batches, shard_indices
+
+    loss_fn = mx.gluon.loss.SoftmaxCrossEntropyLoss()
+    local_batch = cfg.train.batch_size // comm.size
+    idx = shard_indices(len(data.train_x), comm.rank, comm.size, epoch, cfg.train.seed)
+    bar = log.progress(num_batches(len(idx), local_batch), f"epoch {epoch}/{cfg.train.epochs}")
+    loss_sum = mx.nd.zeros(1, ctx=ctx)
+    correct = mx.nd.zeros(1, ctx=ctx)
+    for X, y in iterate_batches(data.train_x, data.train_y, idx, local_batch, ctx):
+        with autograd.record():
+            out = net(X)
+            loss = loss_fn(out, y)
+        loss.backward()
+        trainer.step(X.shape[0])  # gradients: mean over workers, then / local batch = / global
+        loss_sum += loss.sum()
+        correct += (out.argmax(axis=1) == y).sum()
+        global_step += 1
+        bar.update()
+        if global_step % cfg.log.every_steps == 0:
+            step_loss = loss.mean().asscalar()  # waits for this step: only every N steps
+            log.step(global_step, step_loss, trainer.learning_rate)
+            bar.set_postfix_str(f"loss {step_loss:.4f}")
+    bar.close()
+    return loss_sum, correct, len(idx), global_step
+
+
+def evaluate(cfg, comm, net, data, ctx):
+    """Accuracy on the whole test set, each example on exactly one worker."""
+    import mxnet as mx
+    from .data import eval_indices, iterate_batches
+
+    idx = eval_indices(len(data.test_x), comm.rank, comm.size)
+    correct = mx.nd.zeros(1, ctx=ctx)
+    for X, y in iterate_batches(data.test_x, data.test_y, idx, 1000, ctx):
+        correct += (net(X).argmax(axis=1) == y).sum()
+    return correct, len(idx)
+
+
+def global_sums(comm, name, *values):
+    """Sum each scalar over the workers (one collective); returns floats."""
+    import mxnet as mx
+    local = mx.nd.array([v if isinstance(v, (int, float)) else v.asscalar() for v in values],
+                        dtype="float64")
+    return comm.allreduce_sum(local, name=name).asnumpy().tolist()
+
+
+def replica_deviation(comm, params, tag: str) -> float:
+    """Largest |value - rank 0's value| over the given parameters and all workers."""
+    import mxnet as mx
+    if not params:
+        return 0.0
+    vec = mx.nd.concat(*[p.data().reshape(-1).as_in_context(mx.cpu()) for p in params], dim=0)
+    root = comm.broadcast(vec, name=f"distbn.replica.{tag}")
+    local = mx.nd.max(mx.nd.abs(vec - root)).reshape(1)
+    return float(comm.allreduce_max(local, name=f"distbn.replica.{tag}.max").asscalar())
+
+
+def resume_point(comm, run_dir: Path, net, trainer, log):
+    """Load the newest checkpoint on every worker; returns (start_epoch, global_step)."""
+    from . import checkpoint
+
+    ckpt = checkpoint.latest(run_dir / "checkpoints")
+    # Every worker must agree on where to start, or their collectives would pair up wrongly.
+    import mxnet as mx
+    mine = mx.nd.array([ckpt.epoch if ckpt else 0], dtype="float64")
+    root = comm.broadcast(mine, name="distbn.resume.epoch").asscalar()
+    if int(root) != (ckpt.epoch if ckpt else 0):
+        raise RuntimeError(f"this worker sees checkpoint epoch {ckpt.epoch if ckpt else 0} in "
+                           f"{run_dir}, rank 0 sees {int(root)}: use a shared run directory")
+    if ckpt is None:
+        log.info(f"no checkpoint in {run_dir}/checkpoints: starting from epoch 1")
+        return 1, 0
+    net.load_parameters(str(ckpt.params), ctx=net.collect_params().list_ctx())
+    trainer.load_states(str(ckpt.states))
+    log.info(f"resuming after epoch {ckpt.epoch} from {ckpt.path}")
+    return ckpt.epoch + 1, ckpt.global_step
+
+
+def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
+    from .comm import get_comm
+    from .models import bn_layers
+    from .runlog import open_run_log
+
+    comm = get_comm()
+    if cfg.train.batch_size % comm.size:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by the "
+                          f"{comm.size} workers")
+    data = load_data(cfg)  # before any file is written: missing data leaves nothing behind
+    if len(data.train_x) < comm.size:
+        raise ConfigError(f"data.limit {len(data.train_x)} gives fewer examples than workers")
+    ctx = device(comm)
+    np.random.seed(cfg.train.seed + comm.rank)
+    net = build_model(cfg, ctx, comm)
+    comm.broadcast_parameters(net.collect_params(), prefix="distbn.init")
+    opt = {"learning_rate": cfg.train.lr, "momentum": cfg.train.momentum}
+    trainer = comm.trainer(net.collect_params(), "sgd", opt)
+    log = open_run_log(comm.rank == 0, run_dir, dump_config(cfg), cfg.to_dict(),
+                       cfg.log.progress, cfg.log.histograms)
+    start, global_step = resume_point(comm, run_dir, net, trainer, log) if resume else (1, 0)
+    comm.broadcast_parameters(net.collect_params(), prefix="distbn.resume")
+    log.info(f"{cfg.name}: {comm.size} worker(s) on {ctx}, bn={cfg.model.bn}, global batch "
+             f"{cfg.train.batch_size} ({cfg.train.batch_size // comm.size} per worker), "
+             f"{len(data.train_x)} training examples, run dir {run_dir}")
+    last = None
+    for epoch in range(start, cfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        loss_sum, correct, count, global_step = train_epoch(
+            epoch, cfg, comm, net, trainer, data, ctx, log, global_step)
+        loss_sum, correct, count = global_sums(comm, "distbn.metrics.train", loss_sum, correct, count)
+        seconds = time.perf_counter() - t0
+        test_correct, test_count = evaluate(cfg, comm, net, data, ctx)
+        test_correct, test_count = global_sums(comm, "distbn.metrics.test", test_correct, test_count)
+        last = {"epoch": epoch, "train_loss": loss_sum / count, "train_acc": correct / count,
+                "test_acc": test_correct / test_count, "epoch_seconds": seconds,
+                "examples_per_second": count / seconds, "workers": comm.size,
+                "global_step": global_step, "bn": cfg.model.bn}
+        if not math.isfinite(last["train_loss"]):  # the same global value on every worker
+            raise FloatingPointError(f"training loss is {last['train_loss']} in epoch {epoch}; "
+                                     f"the last good checkpoint is kept (lower train.lr?)")
+        log.epoch(last, net)
+        log.save_checkpoint(epoch, global_step, net, trainer, cfg.to_dict())
+    bn = bn_layers(net)
+    moving = [p for layer in bn for p in layer.collect_params().values() if p.grad_req == "null"]
+    learned = [p for p in net.collect_params().values() if p.grad_req != "null"]
+    summary = {"final": last, "workers": comm.size, "run_dir": str(run_dir),
+               "param_max_deviation_across_workers": replica_deviation(comm, learned, "learned"),
+               "moving_stats_max_deviation_across_workers": replica_deviation(comm, moving, "moving")}
+    log.summary(summary)
+    log.close()
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg, run_dir = resolve_config(args)
+    except ConfigError as e:
+        fail(str(e))
+    from .data import DataError
+
+    try:
+        run(cfg, run_dir, args.resume)
+    except (ConfigError, DataError, FloatingPointError) as e:
+        fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

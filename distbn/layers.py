@@ -49,11 +49,10 @@ class _ExactStatsGrad(autograd.Function):
     correction in one more pass of the fused kernel.
     """
 
-    def __init__(self, comm: Optional[Comm], group: Optional[Group], name: str,
+    def __init__(self, comm: Comm, group: Optional[Group], name: str,
                  mean, var, inv_count, eps: float):
         super().__init__()
         self._comm, self._group, self._name, self._eps = comm, group, name, eps
-        self._sync = comm is not None and comm.group_size(group) > 1
         self._mean, self._var, self._inv_count = mean, var, inv_count
 
     def forward(self, x, gamma, beta):
@@ -66,15 +65,10 @@ class _ExactStatsGrad(autograd.Function):
 
     def backward(self, d_part, dgamma, dbeta):
         x, scale = self.saved_tensors
-        sum_dy, sum_dy_xhat = dbeta, dgamma
-        if self._sync:
-            channels = dbeta.shape[0]
-            total = self._comm.allreduce_sum(mx.nd.concat(dbeta, dgamma, dim=0),
-                                             name=f"distbn.{self._name}.bwd", group=self._group)
-            sum_dy, sum_dy_xhat = total[:channels], total[channels:]
-        k = -mx.nd.broadcast_mul(scale, self._inv_count)  # (C,): -gamma*invstd/N
-        dx = d_part + stats.normalize(x, k * sum_dy_xhat, k * sum_dy, self._mean, self._var,
-                                      self._eps)
+        sums = self._comm.allreduce_sum(mx.nd.concat(dbeta, dgamma, dim=0),  # sum(dy), sum(dy*x_hat)
+                                        name=f"distbn.{self._name}.bwd", group=self._group)
+        dx = stats.input_grad(x, d_part, sums, scale, self._inv_count, self._mean, self._var,
+                              self._eps)
         # MXNet's backward pass plans memory: once this callback returns, d_part's buffer may
         # be handed to a later node under another engine variable, so no queued op of ours
         # may still read it. dx depends on every read of it.
@@ -84,19 +78,14 @@ class _ExactStatsGrad(autograd.Function):
 
 
 def _global_moments(x, comm: Optional[Comm], group: Optional[Group], name: str):
-    """(mean, var, 1/N) of ``x`` over the global batch: (C,), (C,), (1,) float32.
-
-    One collective when the group has several workers, none otherwise.
-    """
+    """(mean, var, 1/N) of ``x`` over the global batch of ``group``: (C,), (C,), (1,) float32,
+    with one collective."""
     channels = x.shape[1]
     count = x.size // channels
     mean, var = stats.local_moments(x)
-    if comm is None or comm.group_size(group) == 1:
-        return mean, var, stats.const((1,), 1.0 / count, x.context)
     total = comm.allreduce_sum(stats.pack_moments(mean, var, count), name=f"distbn.{name}.fwd",
                                group=group)
-    mean, var, global_count = stats.unpack_moments(total, channels)
-    return mean, var, 1.0 / global_count
+    return stats.unpack_moments(total, channels)
 
 
 def _param_shape(num_features: int, num_dims: Optional[int]) -> tuple:
@@ -126,6 +115,7 @@ class BatchNorm(gluon.Block):
             raise ValueError(f"num_features must be positive, got {num_features}")
         self.num_features, self.num_dims = num_features, num_dims
         self.eps, self.momentum = eps, momentum
+        self._scratch_buffers = {}
         shape = _param_shape(num_features, num_dims)
         with self.name_scope():
             self.gamma = self.params.get("gamma", shape=shape, init=mx.init.One())
@@ -153,14 +143,32 @@ class BatchNorm(gluon.Block):
             return stats.normalize(x, gamma.reshape(-1), beta.reshape(-1),
                                    moving_mean.reshape(-1), moving_var.reshape(-1), self.eps)
         comm, group = self._comm_group()
-        with autograd.pause():  # statistics enter the graph as constants; see _ExactStatsGrad
-            mean, var, inv_count = _global_moments(x, comm, group, self.name)
+        if comm is None or comm.group_size(group) == 1:
+            y, mean, var = stats.local_batch_norm(x, gamma.reshape(-1), beta.reshape(-1),
+                                                  self.eps, *self._scratch(ctx))
+        else:
+            y, mean, var = self._sync_forward(x, gamma, beta, comm, group)
+        with autograd.pause():
             stats.blend(moving_mean, mean, self.momentum)
             stats.blend(moving_var, var, self.momentum)
+        return y
+
+    def _sync_forward(self, x, gamma, beta, comm, group):
+        """Statistics of the global batch (collective 1), gradient through them (collective 2)."""
+        with autograd.pause():  # statistics enter the graph as constants; see _ExactStatsGrad
+            mean, var, inv_count = _global_moments(x, comm, group, self.name)
         if autograd.is_recording():  # (training mode without recording needs no gradient)
             x, gamma, beta = _ExactStatsGrad(comm, group, self.name, mean, var, inv_count,
                                              self.eps)(x, gamma, beta)
-        return stats.normalize(x, gamma.reshape(-1), beta.reshape(-1), mean, var, self.eps)
+        y = stats.normalize(x, gamma.reshape(-1), beta.reshape(-1), mean, var, self.eps)
+        return y, mean, var
+
+    def _scratch(self, ctx):
+        """Per-device buffers for the fused kernel's own moving averages (never read)."""
+        if ctx not in self._scratch_buffers:
+            c = self.num_features
+            self._scratch_buffers[ctx] = (mx.nd.zeros(c, ctx=ctx), mx.nd.ones(c, ctx=ctx))
+        return self._scratch_buffers[ctx]
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.num_features}, num_dims={self.num_dims}, "

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Several nodes from a hostfile:  launch/hosts.sh HOSTFILE NP CONFIG [train args...]
+# HOSTFILE lines are "hostname slots=N" (Horovod's format). Every node needs the same checkout
+# at the same path with its .venv installed (launch/install.sh), password-less ssh from this
+# node, and the data (DISTBN_DATA_DIR or the cache). --resume needs the run directory on a
+# shared filesystem.
+#   IFACE=eth0 launch/hosts.sh hosts.txt 8 configs/lenet_syncbn.yaml
+# IFACE picks the network interface Gloo uses (horovodrun --network-interface); set it when
+# the nodes have several (e.g. docker0 or an IPoIB interface next to Ethernet).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+hostfile=${1:?usage: launch/hosts.sh HOSTFILE NP CONFIG [train args...]}
+np=${2:?NP}; config=${3:?CONFIG}; shift 3
+venv=${DISTBN_VENV:-$here/.venv}
+slots=$(awk -F'slots=' 'NR==1 && NF>1 {print $2+0}' "$hostfile")
+export DISTBN_LOCAL_WORKERS=${slots:-1}
+. "$here/launch/env.sh"
+iface=()
+[ -n "${IFACE:-}" ] && iface=(--network-interface "$IFACE")
+exec "$venv/bin/horovodrun" -np "$np" --hostfile "$hostfile" "${iface[@]}" \
+  -x OMP_NUM_THREADS -x HOROVOD_CYCLE_TIME \
+  -x PYTHONWARNINGS -x DISTBN_DATA_DIR \
+  "$venv/bin/python" -m distbn.train --config "$config" "$@"

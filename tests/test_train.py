@@ -1,0 +1,149 @@
+"""The trainer end to end on the smoke config: one process and horovodrun -np 2."""
+import json
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from conftest import BIN, ROOT, SHARED_DATA, horovodrun, python
+
+ENV = {"DISTBN_DATA_DIR": str(SHARED_DATA)}
+SMOKE = ["-m", "distbn.train", "--config", "configs/smoke.yaml", "--set", "log.progress=false"]
+
+
+def train(tmp_path, name, np_=1, extra=(), check=True, timeout=300):
+    run_dir = tmp_path / name
+    args = SMOKE + ["--run-dir", str(run_dir), *extra]
+    if np_ == 1:
+        code, out = python(args, env=ENV, timeout=timeout, check=check)
+    else:
+        code, out = horovodrun(np_, args, env=ENV, timeout=timeout, check=check)
+    return run_dir, code, out
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_one_process_writes_everything(tmp_path):
+    run_dir, _, _ = train(tmp_path, "one")
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert set(m) >= {"epoch", "train_loss", "train_acc", "test_acc", "epoch_seconds",
+                          "examples_per_second", "workers"}
+        assert np.isfinite(m["train_loss"]) and m["workers"] == 1
+    assert metrics[1]["train_loss"] < metrics[0]["train_loss"]
+    assert "bn: sync" in (run_dir / "config.yaml").read_text()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "epoch-0002"
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["param_max_deviation_across_workers"] == 0.0
+
+
+@pytest.mark.multiproc
+def test_two_workers_sync_bn_identical_replicas_and_tracks_one_process(tmp_path):
+    one, _, _ = train(tmp_path, "one")
+    two, _, out = train(tmp_path, "two", np_=2)
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["workers"] == 2
+    assert summary["param_max_deviation_across_workers"] == 0.0
+    assert summary["moving_stats_max_deviation_across_workers"] == 0.0
+    # Sync BN over 2 x 32 equals BN over 64: the runs agree up to float rounding.
+    for a, b in zip(read_metrics(one), read_metrics(two)):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-3, (a, b)
+    p1 = mx.nd.load(str(one / "checkpoints/epoch-0002/model.params"))
+    p2 = mx.nd.load(str(two / "checkpoints/epoch-0002/model.params"))
+    for k in p1:
+        np.testing.assert_allclose(p2[k].asnumpy(), p1[k].asnumpy(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.multiproc
+def test_two_workers_local_bn_moving_stats_differ(tmp_path):
+    run_dir, _, _ = train(tmp_path, "gluon", np_=2, extra=["--set", "model.bn=gluon"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["param_max_deviation_across_workers"] == 0.0
+    assert summary["moving_stats_max_deviation_across_workers"] > 1e-4
+
+
+@pytest.mark.multiproc
+def test_sharded_test_accuracy_equals_one_process_accuracy(tmp_path):
+    """The 2-worker run's test accuracy equals a single-process evaluation of its parameters."""
+    from distbn import models
+    from distbn.data import load_fashion_mnist
+
+    run_dir, _, _ = train(tmp_path, "two", np_=2, extra=["--set", "train.epochs=1"])
+    reported = read_metrics(run_dir)[-1]["test_acc"]
+    net = models.lenet("sync")
+    net.load_parameters(str(run_dir / "checkpoints/epoch-0001/model.params"))
+    x, y = load_fashion_mnist(SHARED_DATA, train=False)
+    x, y = x[:500], y[:500]  # smoke.yaml: data.test_limit 500
+    pred = net(mx.nd.array(x[:, None].astype(np.float32) / 255)).argmax(axis=1).asnumpy()
+    assert reported == (pred == y).mean()
+
+
+@pytest.mark.parametrize("np_", [1, pytest.param(2, marks=pytest.mark.multiproc)])
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, np_):
+    full, _, _ = train(tmp_path, "full", np_=np_)
+    part, _, _ = train(tmp_path, "part", np_=np_, extra=["--set", "train.epochs=1"])
+    assert (part / "checkpoints" / "latest").read_text().strip() == "epoch-0001"
+    _, _, out = train(tmp_path, "part", np_=np_, extra=["--resume"])
+    assert "resuming after epoch 1" in out
+    assert [m["epoch"] for m in read_metrics(part)] == [1, 2]
+    a = mx.nd.load(str(full / "checkpoints/epoch-0002/model.params"))
+    b = mx.nd.load(str(part / "checkpoints/epoch-0002/model.params"))
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_allclose(b[k].asnumpy(), a[k].asnumpy(), rtol=1e-6, atol=1e-7)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url, deadline):
+    last = None
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                body = json.loads(r.read())
+                if body:
+                    return body
+        except Exception as e:  # server still starting or not loaded the run yet
+            last = e
+        time.sleep(0.5)
+    pytest.fail(f"no answer from {url}: {last}")
+
+
+def test_tensorboard_server_shows_scalars_and_histograms(tmp_path):
+    run_dir, _, _ = train(tmp_path, "tb")
+    port = _free_port()
+    server = subprocess.Popen([str(BIN / "tensorboard"), "--logdir", str(run_dir), "--host",
+                               "127.0.0.1", "--port", str(port), "--reload_interval", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}/data/plugin"
+        deadline = time.time() + 90
+        tags = _get_json(f"{base}/scalars/tags", deadline)
+        run = next(iter(tags))
+        assert {"epoch/train_loss", "epoch/test_acc", "step/loss", "step/lr"} <= set(tags[run])
+        q = urllib.parse.urlencode({"run": run, "tag": "epoch/test_acc"})
+        points = _get_json(f"{base}/scalars/scalars?{q}", deadline)
+        assert [p[1] for p in points] == [1, 2]  # (wall time, step, value) per epoch
+        metrics = read_metrics(run_dir)
+        assert [round(p[2], 5) for p in points] == [round(m["test_acc"], 5) for m in metrics]
+        htags = _get_json(f"{base}/histograms/tags", deadline)
+        assert {"bn0/gamma", "bn0/beta", "bn0/moving_mean", "bn3/moving_var"} <= set(htags[run])
+        q = urllib.parse.urlencode({"run": run, "tag": "bn0/gamma"})
+        hist = _get_json(f"{base}/histograms/histograms?{q}", deadline)
+        assert len(hist) == 2
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -39,6 +39,7 @@ class Comm:
     local_rank: int = 0
     local_size: int = 1
     collectives: int = 0  # collectives issued so far (tests count them per step)
+    last_collective: str = ""  # name of the newest one (the stall guard reports it)
     _groups: dict = field(default_factory=dict, repr=False)  # ranks -> Group, made once each
 
     # --- collectives -------------------------------------------------------------------
@@ -51,27 +52,27 @@ class Comm:
         """
         if self.group_size(group) == 1:
             return x
-        self.collectives += 1
+        self._issued(name)
         return _hvd.allreduce(x, name=name, op=_hvd.Sum, **self._ps(group))
 
     def allreduce_max(self, x, name: str):
         """Element-wise maximum of ``x`` over all workers."""
         if self.size == 1:
             return x
-        self.collectives += 1
+        self._issued(name)
         return _hvd.allreduce(x, name=name, op=_hvd.Max)
 
     def broadcast(self, x, name: str, root: int = 0):
         """Root's ``x`` on every worker (a new array; ``x`` is left as it was)."""
         if self.size == 1:
             return x
-        self.collectives += 1
+        self._issued(name)
         return _hvd.broadcast(x, root_rank=root, name=name)
 
     def broadcast_parameters(self, params, root: int = 0, prefix: str = "bcast"):
         """Overwrite Gluon parameters (a ParameterDict or dict) with root's values, in place."""
         if self.size > 1:
-            self.collectives += 1
+            self._issued(prefix)
             _hvd.broadcast_parameters(params, root_rank=root, prefix=prefix)
             import mxnet as mx
             mx.nd.waitall()  # in place and asynchronous: make the values final before use
@@ -98,6 +99,10 @@ class Comm:
         return self._groups[ranks]
 
     # --- helpers -----------------------------------------------------------------------
+    def _issued(self, name: str) -> None:
+        self.collectives += 1
+        self.last_collective = name
+
     def group_size(self, group: Optional[Group]) -> int:
         if group is None:
             return self.size

@@ -31,6 +31,7 @@ class TrainConfig:
     lr: float = 1.0           # applied to the global-batch mean gradient: independent of workers
     momentum: float = 0.0     # SGD momentum (the book uses plain SGD)
     seed: int = 0
+    stall_timeout: float = 300.0  # seconds without a finished step before a worker gives up; 0: off
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         (hint,) = [a for a in get_args(hint) if a is not type(None)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e6 and 1e-3 as strings
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float) and isinstance(value, bool) or not isinstance(value, hint):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -99,6 +105,7 @@ def _validate(cfg: Config) -> Config:
         (cfg.train.lr > 0 and cfg.train.lr == cfg.train.lr and cfg.train.lr != float("inf"),
          "train.lr", "must be a positive finite number"),
         (0 <= cfg.train.momentum < 1, "train.momentum", "must be in [0, 1)"),
+        (cfg.train.stall_timeout >= 0, "train.stall_timeout", "must be 0 (off) or positive"),
         (cfg.data.limit is None or cfg.data.limit >= 1, "data.limit", "must be at least 1"),
         (cfg.data.test_limit is None or cfg.data.test_limit >= 1, "data.test_limit",
          "must be at least 1"),

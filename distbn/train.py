@@ -47,7 +47,8 @@ def parse_args(argv=None):
 
 
 # Keys that may change between a run and its resumption.
-_RESUMABLE_CHANGES = {"train.epochs", "log.every_steps", "log.histograms", "log.progress"}
+_RESUMABLE_CHANGES = {"train.epochs", "train.lr", "train.stall_timeout", "log.every_steps",
+                      "log.histograms", "log.progress"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -120,12 +121,20 @@ def build_model(cfg: Config, ctx, comm):
     return net
 
 
-def train_epoch(epoch, cfg, comm, net, trainer, data, ctx, log, global_step):
-    """One pass over this worker's shard. Returns (loss_sum, correct, count, global_step)."""
+def train_epoch(epoch, cfg, comm, net, trainer, data, ctx, log, global_step, watchdog):
+    """One pass over this worker's shard. Returns (loss_sum, correct, count, global_step).
+
+    Every ``log.every_steps`` steps the global loss is all-reduced (the same value on every
+    worker, so all stop together on a non-finite one) and the sync layers check that the
+    workers are in step.
+    """
     import mxnet as mx
     from mxnet import autograd
     from .data import iterate_batches, num_batches, shard_indices
+    from .layers import SyncBatchNorm
+    from .models import bn_layers
 
+    sync_layers = [b for b in bn_layers(net) if isinstance(b, SyncBatchNorm)]
     loss_fn = mx.gluon.loss.SoftmaxCrossEntropyLoss()
     local_batch = cfg.train.batch_size // comm.size
     idx = shard_indices(len(data.train_x), comm.rank, comm.size, epoch, cfg.train.seed)
@@ -142,10 +151,18 @@ def train_epoch(epoch, cfg, comm, net, trainer, data, ctx, log, global_step):
         correct += (out.argmax(axis=1) == y).sum()
         global_step += 1
         bar.update()
-        if global_step % cfg.log.every_steps == 0:
-            step_loss = loss.mean().asscalar()  # waits for this step: only every N steps
+        if global_step % cfg.log.every_steps == 0:  # waits for this step: only every N steps
+            total, count = global_sums(comm, "distbn.step.loss", loss.sum(), X.shape[0])
+            step_loss = total / count
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(
+                    f"training loss is {step_loss} at epoch {epoch}, step {global_step}; stopped "
+                    f"on every worker, the last good checkpoint is kept (lower train.lr?)")
+            for layer in sync_layers:
+                layer.check_in_step()
             log.step(global_step, step_loss, trainer.learning_rate)
             bar.set_postfix_str(f"loss {step_loss:.4f}")
+        watchdog.beat(f"epoch {epoch} step {global_step}")
     bar.close()
     return loss_sum, correct, len(idx), global_step
 
@@ -181,6 +198,12 @@ def replica_deviation(comm, params, tag: str) -> float:
     return float(comm.allreduce_max(local, name=f"distbn.replica.{tag}.max").asscalar())
 
 
+def non_finite_parameters(net) -> list:
+    """Names of parameters (moving statistics included) holding NaN or inf on this worker."""
+    return [name for name, p in net.collect_params().items()
+            if not np.isfinite(p.data().asnumpy()).all()]
+
+
 def resume_point(comm, run_dir: Path, net, trainer, log):
     """Load the newest checkpoint on every worker; returns (start_epoch, global_step)."""
     from . import checkpoint
@@ -206,8 +229,11 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     from .comm import get_comm
     from .models import bn_layers
     from .runlog import open_run_log
+    from .watchdog import Watchdog
 
     comm = get_comm()
+    watchdog = Watchdog(cfg.train.stall_timeout if comm.size > 1 else 0,
+                        lambda: f"rank {comm.rank} (last collective {comm.last_collective!r})")
     if cfg.train.batch_size % comm.size:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by the "
                           f"{comm.size} workers")
@@ -231,7 +257,7 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     for epoch in range(start, cfg.train.epochs + 1):
         t0 = time.perf_counter()
         loss_sum, correct, count, global_step = train_epoch(
-            epoch, cfg, comm, net, trainer, data, ctx, log, global_step)
+            epoch, cfg, comm, net, trainer, data, ctx, log, global_step, watchdog)
         loss_sum, correct, count = global_sums(comm, "distbn.metrics.train", loss_sum, correct, count)
         seconds = time.perf_counter() - t0
         test_correct, test_count = evaluate(cfg, comm, net, data, ctx)
@@ -240,11 +266,17 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
                 "test_acc": test_correct / test_count, "epoch_seconds": seconds,
                 "examples_per_second": count / seconds, "workers": comm.size,
                 "global_step": global_step, "bn": cfg.model.bn}
-        if not math.isfinite(last["train_loss"]):  # the same global value on every worker
-            raise FloatingPointError(f"training loss is {last['train_loss']} in epoch {epoch}; "
-                                     f"the last good checkpoint is kept (lower train.lr?)")
+        bad = non_finite_parameters(net)
+        (bad_anywhere,) = global_sums(comm, "distbn.check.finite", len(bad))  # all decide alike
+        if bad_anywhere or not math.isfinite(last["train_loss"]):
+            what = f"parameters {', '.join(bad[:3])}" if bad else "parameters on another worker"
+            raise FloatingPointError(
+                f"training diverged in epoch {epoch} (step {global_step}): loss "
+                f"{last['train_loss']}, non-finite {what if bad_anywhere else 'nothing else'}; "
+                f"the last good checkpoint is kept (lower train.lr?)")
         log.epoch(last, net)
         log.save_checkpoint(epoch, global_step, net, trainer, cfg.to_dict())
+        watchdog.beat(f"epoch {epoch} evaluation and checkpoint")
     bn = bn_layers(net)
     moving = [p for layer in bn for p in layer.collect_params().values() if p.grad_req == "null"]
     learned = [p for p in net.collect_params().values() if p.grad_req != "null"]
@@ -253,6 +285,7 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
                "moving_stats_max_deviation_across_workers": replica_deviation(comm, moving, "moving")}
     log.summary(summary)
     log.close()
+    watchdog.stop()
     return summary
 
 
@@ -263,11 +296,17 @@ def main(argv=None) -> int:
     except ConfigError as e:
         fail(str(e))
     from .data import DataError
+    from .layers import OutOfStepError
 
     try:
         run(cfg, run_dir, args.resume)
-    except (ConfigError, DataError, FloatingPointError) as e:
+    except (ConfigError, DataError) as e:
         fail(str(e))
+    except (FloatingPointError, OutOfStepError) as e:
+        fail(str(e), code=3)
+    except KeyboardInterrupt:
+        fail("interrupted; the last complete checkpoint is kept (--resume continues from it)",
+             code=130)
     return 0
 
 

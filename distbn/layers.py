@@ -34,10 +34,6 @@ from . import stats
 from .comm import Comm, Group, get_comm
 
 
-class OutOfStepError(RuntimeError):
-    """Workers ran different numbers of forward passes through a SyncBatchNorm layer."""
-
-
 class _ExactStatsGrad(autograd.Function):
     """Identity on ``(x, gamma, beta)`` in forward; fixes the gradient in backward.
 
@@ -81,15 +77,15 @@ class _ExactStatsGrad(autograd.Function):
         return dx, dgamma.reshape(self._param_shape), dbeta.reshape(self._param_shape)
 
 
-def _global_moments(x, comm: Comm, group: Optional[Group], name: str, calls: int):
-    """(mean, var, 1/N, packed sum) of ``x`` over the global batch of ``group``: (C,), (C,),
-    (1,) float32 and the all-reduced (3 + 2C,) float64 array, with one collective."""
+def _global_moments(x, comm: Comm, group: Optional[Group], name: str):
+    """(mean, var, 1/N) of ``x`` over the global batch of ``group``: (C,), (C,), (1,) float32,
+    with one collective."""
     channels = x.shape[1]
     count = x.size // channels
     mean, var = stats.local_moments(x)
-    total = comm.allreduce_sum(stats.pack_moments(mean, var, count, calls),
-                               name=f"distbn.{name}.fwd", group=group)
-    return (*stats.unpack_moments(total, channels), total)
+    total = comm.allreduce_sum(stats.pack_moments(mean, var, count), name=f"distbn.{name}.fwd",
+                               group=group)
+    return stats.unpack_moments(total, channels)
 
 
 def _param_shape(num_features: int, num_dims: Optional[int]) -> tuple:
@@ -159,10 +155,8 @@ class BatchNorm(gluon.Block):
 
     def _sync_forward(self, x, gamma, beta, comm, group):
         """Statistics of the global batch (collective 1), gradient through them (collective 2)."""
-        self._calls += 1
         with autograd.pause():  # statistics enter the graph as constants; see _ExactStatsGrad
-            mean, var, inv_count, self._last_total = _global_moments(x, comm, group, self.name,
-                                                                     self._calls)
+            mean, var, inv_count = _global_moments(x, comm, group, self.name)
         if autograd.is_recording():  # (training mode without recording needs no gradient)
             x, gamma, beta = _ExactStatsGrad(comm, group, self.name, mean, var, inv_count,
                                              self.eps)(x, gamma, beta)
@@ -198,25 +192,6 @@ class SyncBatchNorm(BatchNorm):
             raise TypeError("process_set must be a distbn.comm.Group (from get_comm().group(ranks))"
                             f" or None, got {type(process_set).__name__}")
         self.process_set = process_set
-        self._calls, self._last_total = 0, None  # training forwards; last all-reduced moments
 
     def _comm_group(self):
         return get_comm(), self.process_set
-
-    def check_in_step(self) -> None:
-        """Raise if the workers' last forwards of this layer were not the same step.
-
-        Every worker sends its count of training forwards with the statistics, so a worker that
-        skipped a forward (or ran an extra one) is detected by the others at no extra collective.
-        Reading the result waits for the last forward; call it every few steps.
-        """
-        if self._last_total is None:
-            return
-        comm = get_comm()
-        workers = comm.group_size(self.process_set)
-        if not stats.workers_in_step(self._last_total, workers):
-            k, k2 = self._last_total[-2:].asnumpy().tolist()
-            raise OutOfStepError(
-                f"{self.name}: workers are out of step (this worker is at forward {self._calls}, "
-                f"the {workers} workers' mean is {k / workers:g}): one skipped a forward pass or "
-                f"ran a different number of batches")

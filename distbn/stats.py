@@ -77,17 +77,14 @@ def local_moments(x: nd.NDArray):
 
 
 class _PackMoments(HybridBlock):
-    """(mean, var, count, calls) -> (3 + 2C,) float64
-    ``[n, n*mean (C), n*(var + mean^2) (C), k, k^2]``, summable across workers: ``k`` counts
-    the layer's training forwards, so ``N * sum(k^2) == sum(k)^2`` holds exactly when every
-    worker is at the same step (see :func:`workers_in_step`). Compiled: one call instead of
-    ~8 small ops, each ~0.1 ms on a busy CPU."""
+    """(mean, var, count) -> (1 + 2C,) float64 ``[n, n*mean (C), n*(var + mean^2) (C)]``,
+    summable across workers. Compiled: one call instead of ~8 small ops, each ~0.1 ms on a
+    busy CPU."""
 
-    def hybrid_forward(self, F, mean, var, count, calls):
+    def hybrid_forward(self, F, mean, var, count):
         m = F.cast(mean, "float64")
         return F.concat(count, F.broadcast_mul(m, count),
-                        F.broadcast_mul(F.cast(var, "float64") + m * m, count),
-                        calls, calls * calls, dim=0)
+                        F.broadcast_mul(F.cast(var, "float64") + m * m, count), dim=0)
 
 
 class _UnpackMoments(HybridBlock):
@@ -100,7 +97,7 @@ class _UnpackMoments(HybridBlock):
     def hybrid_forward(self, F, total):
         n = F.slice_axis(total, axis=0, begin=0, end=1)
         mean = F.broadcast_div(F.slice_axis(total, axis=0, begin=1, end=1 + self._c), n)
-        sq = F.broadcast_div(F.slice_axis(total, axis=0, begin=1 + self._c, end=1 + 2 * self._c), n)
+        sq = F.broadcast_div(F.slice_axis(total, axis=0, begin=1 + self._c, end=None), n)
         var = F.relu(sq - mean * mean)  # clamp rounding below 0
         return F.cast(mean, "float32"), F.cast(var, "float32"), F.cast(1.0 / n, "float32")
 
@@ -138,17 +135,10 @@ def _compiled(cls, *args):
     return _BLOCKS[key]
 
 
-def pack_moments(mean: nd.NDArray, var: nd.NDArray, count: int, calls: int) -> nd.NDArray:
+def pack_moments(mean: nd.NDArray, var: nd.NDArray, count: int) -> nd.NDArray:
     """Summable local moments; see :class:`_PackMoments`."""
     n = const((1,), float(count), mean.context, "float64")
-    k = nd.full((1,), float(calls), ctx=mean.context, dtype="float64")
-    return _compiled(_PackMoments)(mean, var, n, k)
-
-
-def workers_in_step(total: nd.NDArray, workers: int) -> bool:
-    """Whether every worker had made the same number of forwards (reads 2 numbers: waits)."""
-    k, k2 = total[-2:].asnumpy().tolist()
-    return workers * k2 == k * k
+    return _compiled(_PackMoments)(mean, var, n)
 
 
 def unpack_moments(total: nd.NDArray, channels: int):

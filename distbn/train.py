@@ -125,23 +125,22 @@ def train_epoch(epoch, cfg, comm, net, trainer, data, ctx, log, global_step, wat
     """One pass over this worker's shard. Returns (loss_sum, correct, count, global_step).
 
     Every ``log.every_steps`` steps the global loss is all-reduced (the same value on every
-    worker, so all stop together on a non-finite one) and the sync layers check that the
-    workers are in step.
+    worker, so all stop together on a non-finite one).
     """
     import mxnet as mx
     from mxnet import autograd
     from .data import iterate_batches, num_batches, shard_indices
-    from .layers import SyncBatchNorm
-    from .models import bn_layers
-
-    sync_layers = [b for b in bn_layers(net) if isinstance(b, SyncBatchNorm)]
     loss_fn = mx.gluon.loss.SoftmaxCrossEntropyLoss()
     local_batch = cfg.train.batch_size // comm.size
     idx = shard_indices(len(data.train_x), comm.rank, comm.size, epoch, cfg.train.seed)
     bar = log.progress(num_batches(len(idx), local_batch), f"epoch {epoch}/{cfg.train.epochs}")
     loss_sum = mx.nd.zeros(1, ctx=ctx)
     correct = mx.nd.zeros(1, ctx=ctx)
+    skip = _injected_skip(comm.rank)
     for X, y in iterate_batches(data.train_x, data.train_y, idx, local_batch, ctx):
+        if global_step + 1 == skip:  # fault injection (tests only): this worker drops a batch
+            skip = None
+            continue
         with autograd.record():
             out = net(X)
             loss = loss_fn(out, y)
@@ -158,13 +157,20 @@ def train_epoch(epoch, cfg, comm, net, trainer, data, ctx, log, global_step, wat
                 raise FloatingPointError(
                     f"training loss is {step_loss} at epoch {epoch}, step {global_step}; stopped "
                     f"on every worker, the last good checkpoint is kept (lower train.lr?)")
-            for layer in sync_layers:
-                layer.check_in_step()
             log.step(global_step, step_loss, trainer.learning_rate)
             bar.set_postfix_str(f"loss {step_loss:.4f}")
         watchdog.beat(f"epoch {epoch} step {global_step}")
     bar.close()
     return loss_sum, correct, len(idx), global_step
+
+
+def _injected_skip(rank: int) -> Optional[int]:
+    """Fault injection for the test suite: ``DISTBN_INJECT_SKIP=RANK:STEP`` makes worker RANK
+    skip the batch of global step STEP, as a worker with a bug would."""
+    spec = os.environ.get("DISTBN_INJECT_SKIP", "")
+    if spec.partition(":")[0] == str(rank):
+        return int(spec.partition(":")[2])
+    return None
 
 
 def evaluate(cfg, comm, net, data, ctx):
@@ -204,7 +210,7 @@ def non_finite_parameters(net) -> list:
             if not np.isfinite(p.data().asnumpy()).all()]
 
 
-def resume_point(comm, run_dir: Path, net, trainer, log):
+def resume_point(comm, run_dir: Path, net, trainer, log, lr: float):
     """Load the newest checkpoint on every worker; returns (start_epoch, global_step)."""
     from . import checkpoint
 
@@ -221,6 +227,7 @@ def resume_point(comm, run_dir: Path, net, trainer, log):
         return 1, 0
     net.load_parameters(str(ckpt.params), ctx=net.collect_params().list_ctx())
     trainer.load_states(str(ckpt.states))
+    trainer.set_learning_rate(lr)  # the saved optimizer carries the old one; the config wins
     log.info(f"resuming after epoch {ckpt.epoch} from {ckpt.path}")
     return ckpt.epoch + 1, ckpt.global_step
 
@@ -248,7 +255,7 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     trainer = comm.trainer(net.collect_params(), "sgd", opt)
     log = open_run_log(comm.rank == 0, run_dir, dump_config(cfg), cfg.to_dict(),
                        cfg.log.progress, cfg.log.histograms)
-    start, global_step = resume_point(comm, run_dir, net, trainer, log) if resume else (1, 0)
+    start, global_step = resume_point(comm, run_dir, net, trainer, log, cfg.train.lr) if resume else (1, 0)
     comm.broadcast_parameters(net.collect_params(), prefix="distbn.resume")
     log.info(f"{cfg.name}: {comm.size} worker(s) on {ctx}, bn={cfg.model.bn}, global batch "
              f"{cfg.train.batch_size} ({cfg.train.batch_size // comm.size} per worker), "
@@ -296,13 +303,12 @@ def main(argv=None) -> int:
     except ConfigError as e:
         fail(str(e))
     from .data import DataError
-    from .layers import OutOfStepError
 
     try:
         run(cfg, run_dir, args.resume)
     except (ConfigError, DataError) as e:
         fail(str(e))
-    except (FloatingPointError, OutOfStepError) as e:
+    except FloatingPointError as e:
         fail(str(e), code=3)
     except KeyboardInterrupt:
         fail("interrupted; the last complete checkpoint is kept (--resume continues from it)",

@@ -3,6 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NP ?=
 CONFIG ?= configs/lenet_syncbn.yaml
+# The team's read-only data copy beside the checkout (as CI lays it out), when there is one;
+# otherwise distbn.data looks in the cache, Debian's copy, then downloads.
+SHARED_DATA := $(wildcard ../shared/data/fashion-mnist)
+ifneq ($(SHARED_DATA),)
+export DISTBN_DATA_DIR ?= $(abspath $(SHARED_DATA))
+endif
 
 .PHONY: install train test test-faults bench clean
 

@@ -50,9 +50,10 @@ def _fsync_file(path: Path) -> None:
 
 def save(ckpt_dir: Path, epoch: int, global_step: int, net, trainer, config: dict) -> Checkpoint:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob(".tmp-*"):  # left by a save that crashed (one writer: rank 0)
+        shutil.rmtree(stale, ignore_errors=True)
     name = f"epoch-{epoch:04d}"
     tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     net.save_parameters(str(tmp / "model.params"))
     trainer.save_states(str(tmp / "trainer.states"))

@@ -145,6 +145,11 @@ def test_crash_during_checkpoint_save_keeps_the_previous_one(tmp_path):
     assert found.epoch == 1 and digest(found.path) == before
     assert not (folder / "epoch-0002").exists()
     net.load_parameters(str(found.params))  # loadable
+    assert list(folder.glob(".tmp-*"))  # the crashed save's leftovers ...
+    del trainer.save_states
+    checkpoint.save(folder, 2, 20, net, trainer, {"name": "x"})
+    assert not list(folder.glob(".tmp-*"))  # ... are swept by the next save
+    assert checkpoint.latest(folder).epoch == 2
 
 
 def test_worker_that_skips_a_batch_ends_the_job_naming_the_collective(tmp_path):

@@ -1,0 +1,98 @@
+"""Accuracy vs per-worker batch: what sync BN is for.
+
+    python bench/accuracy_vs_batch.py [--batches 4 8 16 32 64] [--seeds 0 1] [--workers 4]
+                                      [--epochs 1] [--limit 12800] [--lr 0.1] [--json out.json]
+    python bench/accuracy_vs_batch.py --quick      # batches 8 32, one seed, 6400 examples
+
+For each per-worker batch b: `workers` workers with sync BN, the same with Gluon's local BN
+(statistics over b examples), and one process on the global batch workers*b (sync BN at size
+1 = plain BN over the global batch) -- same global batch, lr, epochs and seed. Prints test
+accuracy per cell (mean and spread over seeds) and writes JSON; --plot writes a PNG (needs
+matplotlib).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = {"sync": ("sync", None), "local": ("gluon", None), "one process": ("sync", 1)}
+
+
+def run(bn, workers, batch_global, seed, args):
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = ["bash", str(ROOT / "launch" / "local.sh"), str(ROOT / "configs" / "lenet_syncbn.yaml"),
+               "--run-dir", tmp, "--set", f"model.bn={bn}", "--set", f"train.epochs={args.epochs}",
+               "--set", f"train.batch_size={batch_global}", "--set", f"train.lr={args.lr}",
+               "--set", f"train.seed={seed}", "--set", f"data.limit={args.limit}",
+               "--set", "log.progress=false", "--set", "log.histograms=false",
+               "--set", "log.every_steps=1000000"]
+        proc = subprocess.run(cmd, env={**os.environ, "NP": str(workers)}, capture_output=True,
+                              text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cmd} failed:\n{proc.stderr[-3000:]}")
+        return json.loads((Path(tmp) / "summary.json").read_text())["final"]["test_acc"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--limit", type=int, default=12800)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    args = ap.parse_args()
+    if args.quick:
+        args.batches, args.seeds, args.limit = [8, 32], [0], 6400
+    cells = {}
+    for b in args.batches:
+        for mode, (bn, w) in MODES.items():
+            for seed in args.seeds:
+                acc = run(bn, w or args.workers, b * args.workers, seed, args)
+                cells.setdefault((b, mode), []).append(acc)
+                print(f"b={b} {mode} seed={seed}: test acc {acc:.4f}", file=sys.stderr, flush=True)
+    print(f"test accuracy after {args.epochs} epoch(s) on {args.limit} examples, {args.workers} "
+          f"workers, lr {args.lr}; mean (min-max over seeds {args.seeds})")
+    print("per-worker batch | " + " | ".join(MODES))
+    rows = []
+    for b in args.batches:
+        row = {"per_worker_batch": b, "global_batch": b * args.workers}
+        text = []
+        for mode in MODES:
+            v = cells[(b, mode)]
+            row[mode] = v
+            text.append(f"{statistics.mean(v):.4f} ({min(v):.4f}-{max(v):.4f})")
+        rows.append(row)
+        print(f"{b} | " + " | ".join(text))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode in MODES:
+            means = [statistics.mean(cells[(b, mode)]) for b in args.batches]
+            lo = [min(cells[(b, mode)]) for b in args.batches]
+            hi = [max(cells[(b, mode)]) for b in args.batches]
+            ax.plot(args.batches, means, marker="o", label=mode)
+            ax.fill_between(args.batches, lo, hi, alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"per-worker batch ({args.workers} workers)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title("LeNet / Fashion-MNIST: sync BN vs local BN")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -109,7 +109,7 @@ def device(comm):
     return mx.gpu(comm.local_rank % n) if n > 0 else mx.cpu()
 
 
-def build_model(cfg: Config, ctx, comm):
+def build_model(cfg: Config, ctx):
     import mxnet as mx
     from .models import lenet
 
@@ -130,6 +130,7 @@ def train_epoch(epoch, cfg, comm, net, trainer, data, ctx, log, global_step, wat
     import mxnet as mx
     from mxnet import autograd
     from .data import iterate_batches, num_batches, shard_indices
+
     loss_fn = mx.gluon.loss.SoftmaxCrossEntropyLoss()
     local_batch = cfg.train.batch_size // comm.size
     idx = shard_indices(len(data.train_x), comm.rank, comm.size, epoch, cfg.train.seed)
@@ -249,7 +250,7 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
         raise ConfigError(f"data.limit {len(data.train_x)} gives fewer examples than workers")
     ctx = device(comm)
     np.random.seed(cfg.train.seed + comm.rank)
-    net = build_model(cfg, ctx, comm)
+    net = build_model(cfg, ctx)
     comm.broadcast_parameters(net.collect_params(), prefix="distbn.init")
     opt = {"learning_rate": cfg.train.lr, "momentum": cfg.train.momentum}
     trainer = comm.trainer(net.collect_params(), "sgd", opt)

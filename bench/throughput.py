@@ -44,6 +44,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--env", nargs="*", default=[], help="KEY=VALUE for every run")
     ap.add_argument("--json")
+    ap.add_argument("--plot", help="PNG of examples/s against workers (needs matplotlib)")
     args = ap.parse_args()
     extra_env = dict(kv.split("=", 1) for kv in args.env)
     results = {}
@@ -69,8 +70,23 @@ def main():
         print(" | ".join(str(row.get(k, "")) for k in keys))
     print(f"threads per worker: cores/workers (nproc={os.cpu_count()}); env {extra_env or 'launch/env.sh defaults'}")
     if args.json:
+        raw = {f"{bn}x{w}": v for (bn, w), v in results.items()}
         Path(args.json).write_text(json.dumps({"rows": rows, "limit": args.limit,
-                                               "env": extra_env, "raw": {f"{k[0]}x{k[1]}": v for k, v in results.items()}}, indent=1))
+                                               "env": extra_env, "raw": raw}, indent=1))
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for bn in args.bn:
+            ax.plot(args.workers, [r[f"{bn}_examples_per_s"] for r in rows], marker="o", label=bn)
+        ax.set_xticks(args.workers)
+        ax.set_xlabel(f"workers (on {os.cpu_count()} cores)")
+        ax.set_ylabel("examples / s")
+        ax.set_title("LeNet training throughput, global batch 256")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=100)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Gluon blocks: the book's ``BatchNorm`` and its synchronized variant ``SyncBatchNorm``.
 
-Both share one training-mode path:
+With several workers, ``SyncBatchNorm`` trains as follows:
 
     forward:  local moments (C,) --[all-reduce 1: packed float64 (1 + 2C,)]--> global mean/var
               -> y = gamma * (x - mean) / sqrt(var + eps) + beta   (MXNet's fused kernel)
@@ -9,7 +9,9 @@ Both share one training-mode path:
               the statistics: dx = gamma/sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)),
               means over the global batch
 
-``BatchNorm`` is the same with a group of one: no collective, the same code and numerics.
+``BatchNorm``, and ``SyncBatchNorm`` with a group of one, run forward and backward in MXNet's
+fused kernel on data shifted by one value per channel (:func:`distbn.stats.local_batch_norm`):
+no collective, no Function. Both paths are tested against ``gluon.nn.BatchNorm``.
 
 Conventions (the book's and MXNet's; PyTorch differs):
   * moving variance is updated with the *biased* batch variance (PyTorch uses the unbiased one);

@@ -70,12 +70,20 @@ class Comm:
         return _hvd.broadcast(x, root_rank=root, name=name)
 
     def broadcast_parameters(self, params, root: int = 0, prefix: str = "bcast"):
-        """Overwrite Gluon parameters (a ParameterDict or dict) with root's values, in place."""
-        if self.size > 1:
-            self._issued(prefix)
-            _hvd.broadcast_parameters(params, root_rank=root, prefix=prefix)
-            import mxnet as mx
-            mx.nd.waitall()  # in place and asynchronous: make the values final before use
+        """Overwrite Gluon parameters (a ParameterDict or dict) with root's values.
+
+        One out-of-place broadcast per parameter, in name order, then ``set_data``: a CI run
+        once crashed (segfault on rank 0) inside Horovod's in-place broadcast_parameters, so
+        distbn does not use it. Pending writes (initialization) finish first.
+        """
+        if self.size == 1:
+            return
+        import mxnet as mx
+        mx.nd.waitall()
+        for name, param in sorted(params.items()):
+            self._issued(f"{prefix}.{name}")
+            param.set_data(_hvd.broadcast(param.data(), root_rank=root, name=f"{prefix}.{name}"))
+        mx.nd.waitall()
 
     def trainer(self, params, optimizer: str, optimizer_params: dict):
         """A Gluon trainer whose gradients are averaged over all workers before each step."""

@@ -75,24 +75,13 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for mode in MODES:
-            means = [statistics.mean(cells[(b, mode)]) for b in args.batches]
-            lo = [min(cells[(b, mode)]) for b in args.batches]
-            hi = [max(cells[(b, mode)]) for b in args.batches]
-            ax.plot(args.batches, means, marker="o", label=mode)
-            ax.fill_between(args.batches, lo, hi, alpha=0.2)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(f"per-worker batch ({args.workers} workers)")
-        ax.set_ylabel("test accuracy")
-        ax.set_title("LeNet / Fashion-MNIST: sync BN vs local BN")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=100)
-
+        from plotting import line_chart
+        vals = {mode: [cells[(b, mode)] for b in args.batches] for mode in MODES}
+        line_chart(args.plot, args.batches,
+                   {m: [statistics.mean(v) for v in vs] for m, vs in vals.items()},
+                   f"per-worker batch ({args.workers} workers)", "test accuracy",
+                   "LeNet / Fashion-MNIST: sync BN vs local BN", log2_x=True,
+                   bands={m: ([min(v) for v in vs], [max(v) for v in vs]) for m, vs in vals.items()})
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -74,20 +74,11 @@ def main():
         Path(args.json).write_text(json.dumps({"rows": rows, "limit": args.limit,
                                                "env": extra_env, "raw": raw}, indent=1))
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for bn in args.bn:
-            ax.plot(args.workers, [r[f"{bn}_examples_per_s"] for r in rows], marker="o", label=bn)
-        ax.set_xticks(args.workers)
-        ax.set_xlabel(f"workers (on {os.cpu_count()} cores)")
-        ax.set_ylabel("examples / s")
-        ax.set_title("LeNet training throughput, global batch 256")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=100)
-
+        from plotting import line_chart
+        line_chart(args.plot, args.workers,
+                   {bn: [r[f"{bn}_examples_per_s"] for r in rows] for bn in args.bn},
+                   f"workers (on {os.cpu_count()} cores)", "examples / s",
+                   "LeNet training throughput, global batch 256")
 
 if __name__ == "__main__":
     sys.exit(main())

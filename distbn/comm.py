@@ -5,9 +5,9 @@ or the job runs as one process, a size-1 path does no collective at all: an all-
 worker is the identity, so it returns its input unchanged.
 
 Groups: a ``group`` argument is ``None`` (all workers) or a :class:`Group` made by
-:meth:`Comm.group` from a list of ranks (a Horovod process set underneath). Process sets must
-be known to Horovod at start-up: ``Comm.group`` needs ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` in the
-environment, which :func:`get_comm` then passes to ``hvd.init``.
+:meth:`Comm.group` from a list of ranks (a Horovod process set underneath, added at run
+time): ``Comm.group`` needs ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` in every worker's environment,
+which Horovod reads in ``hvd.init``.
 """
 from __future__ import annotations
 
@@ -137,7 +137,3 @@ def get_comm() -> Comm:
             _COMM = Comm(rank=_hvd.rank(), size=_hvd.size(),
                          local_rank=_hvd.local_rank(), local_size=_hvd.local_size())
     return _COMM
-
-
-def horovod_available() -> bool:
-    return _hvd is not None

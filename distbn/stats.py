@@ -4,8 +4,8 @@ The sync layer runs ``local moments -> pack -> all-reduce(sum) -> unpack``; this
 everything but the all-reduce, so it is the same code at every world size.
 
 Why the packing is safe from the first batch: each worker sends ``(n, n*m, n*(v + m*m))`` in
-float64, where ``m`` and ``v`` are its own mean and *centred* variance (two-pass, computed by
-``nd.moments``). The global variance ``Q/N - mu^2`` then equals
+float64, where ``m`` and ``v`` are its own mean and variance, both summed from data shifted
+near their centre (see :class:`_LocalMoments`). The global variance ``Q/N - mu^2`` then equals
 ``sum n_i v_i / N + sum n_i (m_i - mu)^2 / N`` exactly; float64 carries the cancellation in it
 to about 1e-16 * mu^2, i.e. 1e-8 for a mean of 1e4, far below any variance float32 can resolve
 at that magnitude. A raw float32 ``E[x^2] - E[x]^2`` loses everything there (MXNet's own fused
@@ -19,7 +19,7 @@ from mxnet.gluon import HybridBlock
 
 _CONSTANTS: dict = {}  # (shape, value, ctx) -> array: made once per shape and device
 # With var = 1 - 2**-16 and eps = 2**-16, sqrt(var + eps) is exactly 1 in float32, so the
-# fused kernel in affine() computes a plain per-channel affine map.
+# fused BatchNorm kernel computes a plain per-channel affine map (used to shift the data).
 _UNIT_EPS = 2.0 ** -16
 
 

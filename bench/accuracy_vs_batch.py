@@ -12,30 +12,19 @@ matplotlib).
 """
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from runner import train
 MODES = {"sync": ("sync", None), "local": ("gluon", None), "one process": ("sync", 1)}
 
 
 def run(bn, workers, batch_global, seed, args):
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = ["bash", str(ROOT / "launch" / "local.sh"), str(ROOT / "configs" / "lenet_syncbn.yaml"),
-               "--run-dir", tmp, "--set", f"model.bn={bn}", "--set", f"train.epochs={args.epochs}",
-               "--set", f"train.batch_size={batch_global}", "--set", f"train.lr={args.lr}",
-               "--set", f"train.seed={seed}", "--set", f"data.limit={args.limit}",
-               "--set", "log.progress=false", "--set", "log.histograms=false",
-               "--set", "log.every_steps=1000000"]
-        proc = subprocess.run(cmd, env={**os.environ, "NP": str(workers)}, capture_output=True,
-                              text=True, timeout=3600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cmd} failed:\n{proc.stderr[-3000:]}")
-        return json.loads((Path(tmp) / "summary.json").read_text())["final"]["test_acc"]
+    sets = {"model.bn": bn, "train.epochs": args.epochs, "train.batch_size": batch_global,
+            "train.lr": args.lr, "train.seed": seed, "data.limit": args.limit}
+    summary, _ = train(workers, sets)
+    return summary["final"]["test_acc"]
 
 
 def main():

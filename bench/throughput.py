@@ -13,27 +13,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from runner import train
 
 
 def run_once(bn, workers, args, extra_env):
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = ["bash", str(ROOT / "launch" / "local.sh"), str(ROOT / "configs" / "lenet_syncbn.yaml"),
-               "--run-dir", tmp, "--set", f"model.bn={bn}", "--set", "train.epochs=1",
-               "--set", f"data.limit={args.limit}", "--set", "data.test_limit=1000",
-               "--set", "log.progress=false", "--set", "log.histograms=false",
-               "--set", "log.every_steps=1000000"]
-        env = {**os.environ, "NP": str(workers), **extra_env}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{bn} x{workers} failed:\n{proc.stderr[-3000:]}")
-        final = json.loads((Path(tmp) / "summary.json").read_text())["final"]
-        return final["examples_per_second"], final["epoch_seconds"]
+    sets = {"model.bn": bn, "train.epochs": 1, "data.limit": args.limit, "data.test_limit": 1000}
+    summary, _ = train(workers, sets, env=extra_env, timeout=1800)
+    return summary["final"]["examples_per_second"], summary["final"]["epoch_seconds"]
 
 
 def main():

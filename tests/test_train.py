@@ -10,7 +10,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from conftest import BIN, ROOT, SHARED_DATA, horovodrun, python
+from conftest import BIN, SHARED_DATA, horovodrun, python
 
 ENV = {"DISTBN_DATA_DIR": str(SHARED_DATA)}
 SMOKE = ["-m", "distbn.train", "--config", "configs/smoke.yaml", "--set", "log.progress=false"]

@@ -1,0 +1,53 @@
+"""The benchmark scripts run end to end on tiny settings and write the JSON they promise; the
+book-path benchmark feeds MXNet's FashionMNIST the verified local data without a download."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, SHARED_DATA, python
+
+sys.path.insert(0, str(ROOT / "bench"))
+ENV = {"DISTBN_DATA_DIR": str(SHARED_DATA)}
+
+
+def test_book_path_reads_local_copy_offline(tmp_path, monkeypatch, shared_data):
+    from mxnet.gluon.data import vision
+    import book_path
+    from distbn.data import load_fashion_mnist
+
+    monkeypatch.setenv("DISTBN_DATA_DIR", str(shared_data))
+    # Any download attempt goes to a closed loopback port and fails at once.
+    monkeypatch.setenv("MXNET_GLUON_REPO", "http://127.0.0.1:9/")
+    monkeypatch.setattr(vision, "FashionMNIST", vision.FashionMNIST)  # restored afterwards
+    book_path.use_local_fashion_mnist(tmp_path, book_path.write_idx_gz(tmp_path))
+    for train in (True, False):
+        ds = vision.FashionMNIST(train=train)  # what d2l.FashionMNIST constructs
+        images, labels = load_fashion_mnist(shared_data, train=train)
+        assert len(ds) == len(labels) == (60000 if train else 10000)
+        np.testing.assert_array_equal(ds._data.asnumpy()[..., 0], images)
+        np.testing.assert_array_equal(ds._label, labels)
+        x, y = ds[123]
+        assert x.shape == (28, 28, 1) and y == labels[123]
+
+
+def test_throughput_bench_tiny(tmp_path):
+    out = tmp_path / "t.json"
+    python(["bench/throughput.py", "--workers", "1", "--bn", "gluon", "sync", "--limit", "512",
+            "--repeat", "1", "--json", out], timeout=300, env=ENV)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["workers"] == 1
+    assert row["gluon_examples_per_s"] > 0 and row["sync_examples_per_s"] > 0
+    assert row["sync_step_vs_gluon"] == pytest.approx(
+        row["gluon_examples_per_s"] / row["sync_examples_per_s"], rel=1e-2)
+
+
+def test_layer_bench_tiny(tmp_path):
+    out = tmp_path / "l.json"
+    _, text = python(["bench/layer.py", "--batch", "8", "--repeat", "2", "--rounds", "1",
+                      "--json", out], timeout=300)
+    data = json.loads(out.read_text())
+    assert [r["batch"] for r in data["rows"]] == [8] * 4  # LeNet's four BN shapes
+    assert set(data["sum_ms"]) == {"gluon", "custom", "sync", "book"}
+    assert all(v > 0 for v in data["sum_ms"].values()), text

@@ -10,7 +10,7 @@ ifneq ($(SHARED_DATA),)
 export DISTBN_DATA_DIR ?= $(abspath $(SHARED_DATA))
 endif
 
-.PHONY: install train test test-faults bench clean
+.PHONY: install train test bench bench-quick clean
 
 install:
 	@bash launch/install.sh
@@ -20,6 +20,16 @@ train: install
 
 test: install
 	@$(PY) -m pytest -q
+
+# Benchmarks (docs/results.md): the full set rewrites docs/data and docs/img (~30 min on 2
+# cores); the quick one writes runs/bench-quick (~5 min). Both need the bench and book extras.
+bench:
+	@DISTBN_EXTRAS=dev,bench,book bash launch/install.sh
+	@bash bench/run_all.sh
+
+bench-quick:
+	@DISTBN_EXTRAS=dev,bench,book bash launch/install.sh
+	@bash bench/run_all.sh --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

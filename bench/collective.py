@@ -62,10 +62,7 @@ def main():
             return run
         fwd_t = nd.zeros(1 + 2 * c, dtype="float64")
         bwd_t = nd.zeros(2 * c)
-        k = [0]
-
-        def collectives():
-            k[0] += 1  # a fresh name each call, as a new layer step would not have
+        def collectives():  # the same names every call, as a layer's steps (response cache hits)
             comm.allreduce_sum(fwd_t, name=f"bench.{name}.f").wait_to_read()
             comm.allreduce_sum(bwd_t, name=f"bench.{name}.b").wait_to_read()
         t = {kind: [] for kind in ("gluon", "sync", "coll")}

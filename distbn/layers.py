@@ -117,7 +117,7 @@ class BatchNorm(gluon.Block):
             raise ValueError(f"num_features must be positive, got {num_features}")
         self.num_features, self.num_dims = num_features, num_dims
         self.eps, self.momentum = eps, momentum
-        self._scratch_buffers = {}
+        self._local_state = {}
         shape = _param_shape(num_features, num_dims)
         with self.name_scope():
             self.gamma = self.params.get("gamma", shape=shape, init=mx.init.One())
@@ -146,8 +146,9 @@ class BatchNorm(gluon.Block):
                                    moving_mean.reshape(-1), moving_var.reshape(-1), self.eps)
         comm, group = self._comm_group()
         if comm is None or comm.group_size(group) == 1:
-            y, mean, var = stats.local_batch_norm(x, gamma.reshape(-1), beta.reshape(-1),
-                                                  self.eps, *self._scratch(ctx))
+            block, scratch_mean, scratch_var = self._local(ctx, x.ndim)
+            y, mean, var = stats.local_batch_norm(block, x, gamma.reshape(-1), beta.reshape(-1),
+                                                  scratch_mean, scratch_var)
         else:
             y, mean, var = self._sync_forward(x, gamma, beta, comm, group)
         with autograd.pause():
@@ -165,12 +166,15 @@ class BatchNorm(gluon.Block):
         y = stats.normalize(x, gamma.reshape(-1), beta.reshape(-1), mean, var, self.eps)
         return y, mean, var
 
-    def _scratch(self, ctx):
-        """Per-device buffers for the fused kernel's own moving averages (never read)."""
-        if ctx not in self._scratch_buffers:
+    def _local(self, ctx, ndim: int):
+        """Per device and input rank: this layer's compiled local batch norm and the buffers
+        for the fused kernel's own moving averages (never read)."""
+        key = (ctx, ndim)
+        if key not in self._local_state:
             c = self.num_features
-            self._scratch_buffers[ctx] = (mx.nd.zeros(c, ctx=ctx), mx.nd.ones(c, ctx=ctx))
-        return self._scratch_buffers[ctx]
+            self._local_state[key] = (stats.local_batch_norm_block(ndim, self.eps),
+                                      mx.nd.zeros(c, ctx=ctx), mx.nd.ones(c, ctx=ctx))
+        return self._local_state[key]
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.num_features}, num_dims={self.num_dims}, "

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Every benchmark of docs/results.md, one after another, JSON + PNG into one folder.
+#
+#   bench/run_all.sh [OUT]            # the full set (~30 min on 2 cores); OUT defaults to docs
+#   bench/run_all.sh --quick [OUT]    # reduced settings (~5 min); OUT defaults to runs/bench-quick
+#
+# Needs the bench and book extras (matplotlib, d2l): `make bench` / `make bench-quick` install
+# them first. JSON goes to OUT/data, PNG to OUT/img; each script's table goes to stdout.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+py=${DISTBN_VENV:-$here/.venv}/bin/python
+quick=0
+if [ "${1:-}" = --quick ]; then quick=1; shift; fi
+out=${1:-$( [ $quick = 1 ] && echo "$here/runs/bench-quick" || echo "$here/docs" )}
+mkdir -p "$out/data" "$out/img"
+"$py" -c 'import d2l, matplotlib' 2>/dev/null ||
+  { echo "bench/run_all.sh: needs the bench and book extras: make bench (or DISTBN_EXTRAS=dev,bench,book launch/install.sh)" >&2; exit 2; }
+
+# One worker's thread settings for the single-process benchmarks (the multi-worker ones go
+# through launch/local.sh, which sets them per worker count).
+export DISTBN_LOCAL_WORKERS=1
+. "$here/launch/env.sh"
+
+step() {  # step NAME COMMAND...: run, time, and stop the whole set on a failure
+  local name=$1; shift
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@"
+  echo "== $name: $((SECONDS - t0)) s"
+}
+
+if [ $quick = 1 ]; then
+  layer=(--batch 64 --repeat 10 --rounds 2)
+  thru=(--workers 1 2 --limit 5120 --repeat 1)
+  acc=(--quick)
+  book=(--quick)
+  coll=(--repeat 10)
+else
+  layer=(--batch 64 256 --repeat 30)
+  thru=(--workers 1 2 4 --repeat 2)
+  acc=()
+  book=(--epochs 5)
+  coll=(--repeat 40)
+fi
+
+cd "$here"
+step layer "$py" bench/layer.py "${layer[@]}" --json "$out/data/layer.json"
+step collective env OMP_NUM_THREADS=1 timeout 900 "$here/.venv/bin/horovodrun" -np 2 -H localhost:2 \
+  "$py" bench/collective.py "${coll[@]}" --json "$out/data/collective.json"
+step throughput "$py" bench/throughput.py "${thru[@]}" --json "$out/data/throughput.json" \
+  --plot "$out/img/throughput.png"
+step book_path "$py" bench/book_path.py "${book[@]}" --json "$out/data/book_path.json"
+step accuracy_vs_batch "$py" bench/accuracy_vs_batch.py "${acc[@]}" \
+  --json "$out/data/accuracy_vs_batch.json" --plot "$out/img/accuracy_vs_batch.png"
+echo "== all benchmarks done in $SECONDS s; results in $out/data and $out/img"

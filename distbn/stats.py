@@ -13,7 +13,7 @@ CPU BatchNorm reports a std of ~10 for data of std 0.1 around 1e4 at LeNet's con
 """
 from __future__ import annotations
 
-from mxnet import autograd, nd
+from mxnet import nd
 from mxnet.gluon import HybridBlock
 
 

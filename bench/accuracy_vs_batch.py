@@ -2,7 +2,7 @@
 
     python bench/accuracy_vs_batch.py [--batches 4 8 16 32 64] [--seeds 0 1] [--workers 4]
                                       [--epochs 1] [--limit 12800] [--lr 0.1] [--json out.json]
-    python bench/accuracy_vs_batch.py --quick      # batches 8 32, one seed, 6400 examples
+    python bench/accuracy_vs_batch.py --quick      # batches 8 32, one seed, 3200 examples
 
 For each per-worker batch b: `workers` workers with sync BN, the same with Gluon's local BN
 (statistics over b examples), and one process on the global batch workers*b (sync BN at size
@@ -40,7 +40,7 @@ def main():
     ap.add_argument("--plot")
     args = ap.parse_args()
     if args.quick:
-        args.batches, args.seeds, args.limit = [8, 32], [0], 6400
+        args.batches, args.seeds, args.limit = [8, 32], [0], 3200
     cells = {}
     for b in args.batches:
         for mode, (bn, w) in MODES.items():

@@ -37,7 +37,7 @@ if [ $quick = 1 ]; then
   coll=(--repeat 10)
 else
   layer=(--batch 64 256 --repeat 30)
-  thru=(--workers 1 2 4 --repeat 2)
+  thru=(--workers 1 2 4 --repeat 3)
   acc=()
   book=(--epochs 5)
   coll=(--repeat 40)

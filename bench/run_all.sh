@@ -16,10 +16,12 @@ mkdir -p "$out/data" "$out/img"
 "$py" -c 'import d2l, matplotlib' 2>/dev/null ||
   { echo "bench/run_all.sh: needs the bench and book extras: make bench (or DISTBN_EXTRAS=dev,bench,book launch/install.sh)" >&2; exit 2; }
 
-# One worker's thread settings for the single-process benchmarks (the multi-worker ones go
-# through launch/local.sh, which sets them per worker count).
-export DISTBN_LOCAL_WORKERS=1
-. "$here/launch/env.sh"
+workers() {  # workers N COMMAND...: run with launch/env.sh's settings for N local workers
+  (export DISTBN_LOCAL_WORKERS=$1; shift; . "$here/launch/env.sh"; exec "$@")
+}
+# Nothing here exports thread settings: the training benchmarks go through launch/local.sh,
+# which sets them per worker count; an inherited OMP_NUM_THREADS=2 given to each of 2 workers
+# on 2 cores made training 3.7-5.2x slower here.
 
 step() {  # step NAME COMMAND...: run, time, and stop the whole set on a failure
   local name=$1; shift
@@ -44,8 +46,8 @@ else
 fi
 
 cd "$here"
-step layer "$py" bench/layer.py "${layer[@]}" --json "$out/data/layer.json"
-step collective env OMP_NUM_THREADS=1 timeout 900 "$here/.venv/bin/horovodrun" -np 2 -H localhost:2 \
+step layer workers 1 "$py" bench/layer.py "${layer[@]}" --json "$out/data/layer.json"
+step collective workers 2 timeout 900 "$(dirname "$py")/horovodrun" -np 2 -H localhost:2 \
   "$py" bench/collective.py "${coll[@]}" --json "$out/data/collective.json"
 step throughput "$py" bench/throughput.py "${thru[@]}" --json "$out/data/throughput.json" \
   --plot "$out/img/throughput.png"

@@ -5,7 +5,7 @@
 #   launch/install.sh            # auto: CUDA build if `nvidia-smi -L` lists a GPU, else CPU
 #   DISTBN_DEVICE=gpu launch/install.sh   # force mxnet-cu112 (needs CUDA 11.2, cuDNN 8, NCCL 2)
 #   DISTBN_DEVICE=cpu launch/install.sh   # force the CPU build
-#   DISTBN_EXTRAS=dev,d2l launch/install.sh   # extras of pyproject.toml (default: dev)
+#   DISTBN_EXTRAS=dev,bench,book launch/install.sh   # extras of pyproject.toml (default: dev)
 #
 # Idempotent: a stamp in .venv records what was installed; with nothing changed a re-run only
 # re-verifies (a few seconds). The Horovod wheel is cached by us under a directory whose name

@@ -15,6 +15,9 @@ out=${1:-$( [ $quick = 1 ] && echo "$here/runs/bench-quick" || echo "$here/docs"
 mkdir -p "$out/data" "$out/img"
 "$py" -c 'import d2l, matplotlib' 2>/dev/null ||
   { echo "bench/run_all.sh: needs the bench and book extras: make bench (or DISTBN_EXTRAS=dev,bench,book launch/install.sh)" >&2; exit 2; }
+# The data, before any benchmark runs (DISTBN_DATA_DIR, the cache, Debian's copy, download).
+"$py" -W ignore -c 'from distbn.data import load_fashion_mnist as f; f(train=True); f(train=False)' ||
+  { echo "bench/run_all.sh: no Fashion-MNIST (see the message above)" >&2; exit 2; }
 
 workers() {  # workers N COMMAND...: run with launch/env.sh's settings for N local workers
   (export DISTBN_LOCAL_WORKERS=$1; shift; . "$here/launch/env.sh"; exec "$@")
@@ -37,18 +40,25 @@ if [ $quick = 1 ]; then
   acc=(--quick)
   book=(--quick)
   coll=(--repeat 10)
+  phases=(--steps 20)
 else
   layer=(--batch 64 256 --repeat 30)
   thru=(--workers 1 2 4 --repeat 3)
   acc=()
   book=(--epochs 5)
   coll=(--repeat 40)
+  phases=(--steps 50)
 fi
 
 cd "$here"
 step layer workers 1 "$py" bench/layer.py "${layer[@]}" --json "$out/data/layer.json"
 step collective workers 2 timeout 900 "$(dirname "$py")/horovodrun" -np 2 -H localhost:2 \
   "$py" bench/collective.py "${coll[@]}" --json "$out/data/collective.json"
+for n in 1 2; do
+  if [ "$n" = 1 ]; then launcher=(); else launcher=(timeout 900 "$(dirname "$py")/horovodrun" -np "$n" -H "localhost:$n"); fi
+  step "step_phases x$n" workers "$n" "${launcher[@]}" "$py" bench/step_phases.py "${phases[@]}" \
+    --json "$out/data/step_phases_$n.json"
+done
 step throughput "$py" bench/throughput.py "${thru[@]}" --json "$out/data/throughput.json" \
   --plot "$out/img/throughput.png"
 step book_path "$py" bench/book_path.py "${book[@]}" --json "$out/data/book_path.json"

@@ -21,8 +21,8 @@ train: install
 test: install
 	@$(PY) -m pytest -q
 
-# Benchmarks (docs/results.md): the full set rewrites docs/data and docs/img (~30 min on 2
-# cores); the quick one writes runs/bench-quick (~5 min). Both need the bench and book extras.
+# Benchmarks (docs/results.md): the full set rewrites docs/data and docs/img (~20 min on 2
+# cores); the quick one writes runs/bench-quick (~3 min). Both need the bench and book extras.
 bench:
 	@DISTBN_EXTRAS=dev,bench,book bash launch/install.sh
 	@bash bench/run_all.sh

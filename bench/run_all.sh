@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark of docs/results.md, one after another, JSON + PNG into one folder.
 #
-#   bench/run_all.sh [OUT]            # the full set (~30 min on 2 cores); OUT defaults to docs
-#   bench/run_all.sh --quick [OUT]    # reduced settings (~5 min); OUT defaults to runs/bench-quick
+#   bench/run_all.sh [OUT]            # the full set (~20 min on 2 cores); OUT defaults to docs
+#   bench/run_all.sh --quick [OUT]    # reduced settings (~3 min); OUT defaults to runs/bench-quick
 #
 # Needs the bench and book extras (matplotlib, d2l): `make bench` / `make bench-quick` install
 # them first. JSON goes to OUT/data, PNG to OUT/img; each script's table goes to stdout.

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHARED_DATA, python
+from conftest import ROOT, SHARED_DATA, horovodrun, python
 
 sys.path.insert(0, str(ROOT / "bench"))
 ENV = {"DISTBN_DATA_DIR": str(SHARED_DATA)}
@@ -51,3 +51,15 @@ def test_layer_bench_tiny(tmp_path):
     assert [r["batch"] for r in data["rows"]] == [8] * 4  # LeNet's four BN shapes
     assert set(data["sum_ms"]) == {"gluon", "custom", "sync", "book"}
     assert all(v > 0 for v in data["sum_ms"].values()), text
+
+
+@pytest.mark.multiproc
+def test_step_phases_bench_two_workers_counts_collectives(tmp_path):
+    out = tmp_path / "p.json"
+    horovodrun(2, ["bench/step_phases.py", "--steps", "2", "--bn", "gluon", "sync",
+                   "--json", out], timeout=300)
+    rows = {r["bn"]: r for r in json.loads(out.read_text())["rows"]}
+    # LeNet has 4 BN layers; a sync layer all-reduces once forward, once backward
+    assert rows["sync"]["distbn_collectives_per_step"] == 2 * 4
+    assert rows["gluon"]["distbn_collectives_per_step"] == 0
+    assert all(rows[bn]["step"] > 0 for bn in rows)

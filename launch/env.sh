@@ -7,7 +7,8 @@ _cores=$(nproc 2>/dev/null || echo 1)
 _threads=$(( _cores / DISTBN_LOCAL_WORKERS )); [ "$_threads" -ge 1 ] || _threads=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$_threads}
 if [ "$OMP_NUM_THREADS" -gt 1 ] 2>/dev/null && [ $(( OMP_NUM_THREADS * DISTBN_LOCAL_WORKERS )) -gt "$_cores" ]; then
-  # Measured here: OMP_NUM_THREADS=2 for each of 2 workers on 2 cores trained 3.7x (sync BN) to 5.2x (Gluon BN) slower.
+  # Measured here: OMP_NUM_THREADS=2 for each of 2 workers on 2 cores trained 3.7x (sync BN)
+  # to 5.2x (Gluon BN) slower.
   echo "distbn: warning: OMP_NUM_THREADS=$OMP_NUM_THREADS for each of $DISTBN_LOCAL_WORKERS local" \
        "workers oversubscribes the $_cores cores (several times slower); unset it to get" \
        "cores / workers ($_threads)" >&2

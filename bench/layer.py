@@ -5,8 +5,9 @@
 
 Variants, measured side by side in one process (interleaved rounds, medians reported):
   gluon   gluon.nn.BatchNorm (MXNet's fused operator) -- the speed to beat
-  custom  distbn.BatchNorm
+  custom  distbn.BatchNorm (on the CPU: the C++ operator of distbn/csrc)
   sync    distbn.SyncBatchNorm (at size 1 no collective; under horovodrun the real thing)
+  ops     distbn.BatchNorm on its MXNet-ops path (GPUs, or no compiler)
   book    distbn.batch_norm, the book's from-scratch NDArray formula, in the book's block
 Ratios are to gluon at the same shape. Under horovodrun, "wait" is the time the forward and
 backward collectives take when timed alone (blocking) at the same size.
@@ -23,6 +24,7 @@ import mxnet as mx
 from mxnet import autograd, gluon, nd
 
 import distbn
+from distbn import native
 from distbn.comm import get_comm
 
 SHAPES = {"conv1 (C=6, 24x24)": (6, 24, 24), "conv2 (C=16, 8x8)": (16, 8, 8),
@@ -46,9 +48,23 @@ class BookBN(gluon.Block):
         return Y
 
 
+class MXNetOpsBN(distbn.BatchNorm):
+    """distbn.BatchNorm on its MXNet-ops path (what GPUs, or machines without a compiler, run)."""
+
+    def forward(self, x):
+        saved = native._loaded.get("op")
+        native._loaded["op"] = None
+        try:
+            return super().forward(x)
+        finally:
+            native._loaded["op"] = saved
+
+
 def make(kind, c, ndim):
     if kind == "gluon":
         layer = gluon.nn.BatchNorm(in_channels=c)
+    elif kind == "ops":
+        layer = MXNetOpsBN(c, ndim)
     elif kind == "custom":
         layer = distbn.BatchNorm(c, ndim)
     elif kind == "sync":
@@ -82,7 +98,8 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
     comm = get_comm()
-    kinds = ["sync"] if args.sync_only else ["gluon", "custom", "sync", "book"]
+    native.batch_norm_op()  # build/load before timing
+    kinds = ["sync"] if args.sync_only else ["gluon", "custom", "sync", "ops", "book"]
     if comm.size > 1 and not args.sync_only:
         kinds = ["gluon", "sync"]
     rows = []

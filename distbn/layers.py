@@ -9,9 +9,10 @@ With several workers, ``SyncBatchNorm`` trains as follows:
               the statistics: dx = gamma/sigma * (dy - mean(dy) - x_hat * mean(dy * x_hat)),
               means over the global batch
 
-``BatchNorm``, and ``SyncBatchNorm`` with a group of one, run forward and backward in MXNet's
-fused kernel on data shifted by one value per channel (:func:`distbn.stats.local_batch_norm`):
-no collective, no Function. Both paths are tested against ``gluon.nn.BatchNorm``.
+``BatchNorm``, and ``SyncBatchNorm`` with a group of one, do no collective and use no
+Function: on the CPU one C++ operator call each way (:mod:`distbn.native`), elsewhere (GPU, or
+no compiler) MXNet's fused kernel on data shifted by one value per channel
+(:func:`distbn.stats.local_batch_norm`). All paths are tested against ``gluon.nn.BatchNorm``.
 
 Conventions (the book's and MXNet's; PyTorch differs):
   * moving variance is updated with the *biased* batch variance (PyTorch uses the unbiased one);
@@ -30,9 +31,10 @@ from __future__ import annotations
 from typing import Optional
 
 import mxnet as mx
+import numpy as np
 from mxnet import autograd, gluon
 
-from . import stats
+from . import native, stats
 from .comm import Comm, Group, get_comm
 
 
@@ -146,6 +148,10 @@ class BatchNorm(gluon.Block):
                                    moving_mean.reshape(-1), moving_var.reshape(-1), self.eps)
         comm, group = self._comm_group()
         if comm is None or comm.group_size(group) == 1:
+            op = native.batch_norm_op() if ctx.device_type == "cpu" and x.dtype == np.float32 else None
+            if op is not None:  # one C++ call each way; it updates the moving statistics itself
+                return op(x, gamma.reshape(-1), beta.reshape(-1), moving_mean.reshape(-1),
+                          moving_var.reshape(-1), eps=self.eps, momentum=self.momentum)[0]
             block, scratch_mean, scratch_var = self._local(ctx, x.ndim)
             y, mean, var = stats.local_batch_norm(block, x, gamma.reshape(-1), beta.reshape(-1),
                                                   scratch_mean, scratch_var)

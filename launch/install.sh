@@ -42,7 +42,7 @@ esac
 # Everything that decides the result of an install goes into the stamp.
 stamp_file="$VENV/.distbn-install-stamp"
 stamp=$( { echo "$device $EXTRAS $HOROVOD_VERSION $MXNET_VERSION";
-           cat pyproject.toml constraints.txt launch/install.sh; } | sha256sum | cut -d' ' -f1)
+           cat pyproject.toml constraints.txt launch/install.sh distbn/csrc/*.cc; } | sha256sum | cut -d' ' -f1)
 
 verify() {
   # --check-build must list MXNet and Gloo as built; the import proves the extension loads.
@@ -96,6 +96,9 @@ log "installing Horovod from $wheel_dir"
 log "installing distbn (editable) with extras [$EXTRAS]"
 "${pip[@]}" install -q -e ".[${EXTRAS}]"
 
+log "building distbn's C++ batch-norm operator (distbn/csrc) against the installed MXNet"
+"$VENV/bin/python" -W ignore -c 'from distbn import native; print(native.load() and native.library_path())' ||
+  die "could not build distbn/csrc/batch_norm.cc (needs g++; see the message above)"
 verify || die "verification failed: Horovod cannot run with MXNet in $VENV"
 echo "$stamp" > "$stamp_file"
 log "done ($device build in $VENV)"

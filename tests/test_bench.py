@@ -49,7 +49,7 @@ def test_layer_bench_tiny(tmp_path):
                       "--json", out], timeout=300)
     data = json.loads(out.read_text())
     assert [r["batch"] for r in data["rows"]] == [8] * 4  # LeNet's four BN shapes
-    assert set(data["sum_ms"]) == {"gluon", "custom", "sync", "book"}
+    assert set(data["sum_ms"]) == {"gluon", "custom", "sync", "ops", "book"}
     assert all(v > 0 for v in data["sum_ms"].values()), text
 
 

@@ -1,16 +1,38 @@
 """Single-process checks of the layers: distbn.BatchNorm == gluon.nn.BatchNorm == the book's
 function, save/load, numerical safety, the converter, hybridized neighbours, no collective at
-size 1."""
+size 1. Every test runs twice: with the C++ operator (the CPU path) and with the MXNet-ops
+path (the GPU path, or no compiler)."""
 import numpy as np
 import mxnet as mx
 import pytest
 from mxnet import autograd, gluon, nd
 
 import distbn
-from distbn import models
+from distbn import models, native
 from distbn.comm import get_comm
 
 SHAPES = {2: (32, 7), 4: (16, 5, 6, 6)}
+
+
+@pytest.fixture(autouse=True, params=["native", "mxnet-ops"])
+def local_path(request, monkeypatch):
+    if request.param == "native":
+        assert native.batch_norm_op() is not None  # built and loaded: the CPU path under test
+    else:
+        monkeypatch.setitem(native._loaded, "op", None)
+    return request.param
+
+
+def test_native_operator_is_built_and_used_on_the_cpu(local_path, monkeypatch):
+    calls = []
+    real = native.batch_norm_op()
+    if real is not None:
+        monkeypatch.setitem(native._loaded, "op", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = distbn.BatchNorm(3, 2)
+    layer.initialize()
+    with autograd.record():
+        layer(nd.ones((4, 3)))
+    assert len(calls) == (1 if local_path == "native" else 0)
 
 
 def close(got, want, rtol=1e-5):

@@ -1,0 +1,82 @@
+"""distbn's C++ batch-norm operator for the CPU (``csrc/batch_norm.cc``): built once with the
+system's C++ compiler against the installed MXNet, cached, and loaded through MXNet's
+extension API. ``launch/install.sh`` builds it; otherwise the first use does (a few seconds).
+
+Where it cannot be had (no compiler, ``DISTBN_NATIVE=0``), :func:`batch_norm_op` returns None
+and the layers use their MXNet-ops path, which computes the same values, more slowly.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "batch_norm.cc"
+_loaded: dict = {}  # "op" -> the nd function, or None after a failure (warned once)
+
+
+def _mxnet_dir() -> Path:
+    import mxnet
+    return Path(mxnet.__file__).resolve().parent
+
+
+def library_path() -> Path:
+    """Where the built library lives: the user cache, under a name that changes with the
+    source, the MXNet build and the Python version (a stale build is never loaded)."""
+    import mxnet
+    key = hashlib.sha256(SOURCE.read_bytes() + f"{mxnet.__version__} {_mxnet_dir()} "
+                         f"{sys.version_info[:2]}".encode()).hexdigest()[:16]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "distbn" / "ops" / key / "libdistbn_ops.so"
+
+
+def build(dest: Path) -> Path:
+    """Compile the operator library to ``dest`` (temporary file, then rename: workers that
+    build at the same time never load a half-written file)."""
+    mx_dir = _mxnet_dir()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=dest.parent)
+    os.close(fd)
+    # -Bsymbolic: the library binds to its own copies of lib_api.h's inline functions; loaded
+    # next to Horovod's MXNet extension it otherwise picked up foreign ones and crashed.
+    cmd = [os.environ.get("CXX", "g++"), "-O3", "-shared", "-fPIC", "-std=c++17",
+           "-Wl,-Bsymbolic", f"-I{mx_dir / 'include'}", str(SOURCE),
+           str(mx_dir / "src" / "lib_api.cc"), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def load() -> Callable:
+    """Build if needed, load, and return ``mx.nd.distbn_batch_norm``; raises on failure."""
+    import mxnet as mx
+    path = library_path()
+    if not path.is_file():
+        build(path)
+    mx.library.load(str(path), verbose=False)
+    return mx.nd.distbn_batch_norm
+
+
+def batch_norm_op() -> Optional[Callable]:
+    """The operator, or None when ``DISTBN_NATIVE=0`` or it could not be built (said once)."""
+    if "op" not in _loaded:
+        if os.environ.get("DISTBN_NATIVE", "1") == "0":
+            _loaded["op"] = None
+        else:
+            try:
+                _loaded["op"] = load()
+            except Exception as e:  # no compiler, no headers: the MXNet-ops path still works
+                print(f"distbn: warning: native batch norm unavailable, using MXNet ops "
+                      f"(slower): {e}", file=sys.stderr)
+                _loaded["op"] = None
+    return _loaded["op"]

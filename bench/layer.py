@@ -5,9 +5,10 @@
 
 Variants, measured side by side in one process (interleaved rounds, medians reported):
   gluon   gluon.nn.BatchNorm (MXNet's fused operator) -- the speed to beat
-  custom  distbn.BatchNorm (on the CPU: the C++ operator of distbn/csrc)
+  custom  distbn.BatchNorm (on the CPU: the C++ operators of distbn/csrc)
   sync    distbn.SyncBatchNorm (at size 1 no collective; under horovodrun the real thing)
-  ops     distbn.BatchNorm on its MXNet-ops path (GPUs, or no compiler)
+  ops     distbn.BatchNorm built from MXNet's operators (GPUs, or no compiler)
+All but the book's block are hybridized (static_alloc, static_shape).
   book    distbn.batch_norm, the book's from-scratch NDArray formula, in the book's block
 Ratios are to gluon at the same shape. Under horovodrun, "wait" is the time the forward and
 backward collectives take when timed alone (blocking) at the same size.
@@ -48,30 +49,23 @@ class BookBN(gluon.Block):
         return Y
 
 
-class MXNetOpsBN(distbn.BatchNorm):
-    """distbn.BatchNorm on its MXNet-ops path (what GPUs, or machines without a compiler, run)."""
-
-    def forward(self, x):
-        saved = native._loaded.get("op")
-        native._loaded["op"] = None
-        try:
-            return super().forward(x)
-        finally:
-            native._loaded["op"] = saved
-
-
 def make(kind, c, ndim):
-    if kind == "gluon":
-        layer = gluon.nn.BatchNorm(in_channels=c)
-    elif kind == "ops":
-        layer = MXNetOpsBN(c, ndim)
-    elif kind == "custom":
-        layer = distbn.BatchNorm(c, ndim)
-    elif kind == "sync":
-        layer = distbn.SyncBatchNorm(c, ndim)
-    else:
+    """The layer of ``kind``; all but the book's block hybridized (static_alloc), as they
+    run in a compiled network."""
+    if kind == "book":
         layer = BookBN(c, ndim)
+    elif kind == "gluon":
+        layer = gluon.nn.BatchNorm(in_channels=c)
+    elif kind == "ops":  # the MXNet-operator graph: a layer takes its path when it is built
+        saved = native._loaded["ok"]
+        native._loaded["ok"] = False
+        layer = distbn.BatchNorm(c, ndim)
+        native._loaded["ok"] = saved
+    else:
+        layer = (distbn.SyncBatchNorm if kind == "sync" else distbn.BatchNorm)(c, ndim)
     layer.initialize()
+    if kind != "book":
+        layer.hybridize(static_alloc=True, static_shape=True)
     return layer
 
 
@@ -98,7 +92,7 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
     comm = get_comm()
-    native.batch_norm_op()  # build/load before timing
+    native.available()  # build/load before timing
     kinds = ["sync"] if args.sync_only else ["gluon", "custom", "sync", "ops", "book"]
     if comm.size > 1 and not args.sync_only:
         kinds = ["gluon", "sync"]

@@ -41,6 +41,7 @@ if [ $quick = 1 ]; then
   book=(--quick)
   coll=(--repeat 10)
   phases=(--steps 20)
+  steps=(--rounds 3 --steps 5)
 else
   layer=(--batch 64 256 --repeat 30)
   thru=(--workers 1 2 4 --repeat 3)
@@ -48,6 +49,7 @@ else
   book=(--epochs 5)
   coll=(--repeat 40)
   phases=(--steps 50)
+  steps=(--rounds 9 --steps 10)
 fi
 
 cd "$here"
@@ -58,6 +60,11 @@ for n in 1 2; do
   if [ "$n" = 1 ]; then launcher=(); else launcher=(timeout 900 "$(dirname "$py")/horovodrun" -np "$n" -H "localhost:$n"); fi
   step "step_phases x$n" workers "$n" "${launcher[@]}" "$py" bench/step_phases.py "${phases[@]}" \
     --json "$out/data/step_phases_$n.json"
+done
+for n in 1 2; do
+  if [ "$n" = 1 ]; then launcher=(); else launcher=(timeout 1800 "$(dirname "$py")/horovodrun" -np "$n" -H "localhost:$n"); fi
+  step "step_time x$n" workers "$n" "${launcher[@]}" "$py" bench/step_time.py "${steps[@]}" \
+    --json "$out/data/step_time_$n.json"
 done
 step throughput "$py" bench/throughput.py "${thru[@]}" --json "$out/data/throughput.json" \
   --plot "$out/img/throughput.png"

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union, get_args, get_ori
 
 import yaml
 
-from .models import BN_CHOICES
+from .models import BN_CHOICES, known_arch
 
 
 class ConfigError(ValueError):
@@ -20,8 +20,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    bn: str = "sync"          # sync | custom | gluon | none
-    hybridize: bool = True    # compile every layer but the (imperative) distbn BN layers
+    arch: str = "lenet"       # lenet (the book's) or a mxnet.gluon.model_zoo.vision name
+    bn: str = "sync"          # sync | custom | gluon | none (lenet only), for every BN layer
+    hybridize: bool = True    # compile the whole network, BN layers included
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,10 @@ def _build(cls, data: Any, prefix: str):
 def _validate(cfg: Config) -> Config:
     checks = [
         (cfg.model.bn in BN_CHOICES, "model.bn", f"must be one of {', '.join(BN_CHOICES)}"),
+        (known_arch(cfg.model.arch), "model.arch",
+         "must be lenet or a mxnet.gluon.model_zoo.vision name, e.g. resnet18_v1"),
+        (cfg.model.arch == "lenet" or cfg.model.bn != "none", "model.bn",
+         "none is for lenet only (model-zoo networks keep their BN layers)"),
         (cfg.train.epochs >= 1, "train.epochs", "must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1"),
         (cfg.train.lr > 0 and cfg.train.lr == cfg.train.lr and cfg.train.lr != float("inf"),

@@ -1,4 +1,5 @@
-"""``convert_sync_batchnorm``: swap every BatchNorm of a network for ``SyncBatchNorm``."""
+"""``convert_sync_batchnorm``: swap every batch-norm layer of a network for ``SyncBatchNorm``
+(``convert_batchnorm`` for another distbn class)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,63 +10,66 @@ from .comm import Group
 from .layers import BatchNorm, SyncBatchNorm
 
 
-def _from_gluon(bn: gluon.nn.BatchNorm, process_set) -> SyncBatchNorm:
+def _settings(bn) -> dict:
+    """The constructor arguments that rebuild ``bn`` (Gluon's, contrib's or distbn's)."""
+    if isinstance(bn, BatchNorm):
+        return dict(num_dims=bn.num_dims, momentum=bn.momentum, epsilon=bn.epsilon,
+                    scale=not bn.fix_gamma, use_global_stats=bn.use_global_stats,
+                    fuse_relu=bn.fuse_relu)
     kw = bn._kwargs
-    channels = bn.gamma.shape[0]
-    if kw["axis"] != 1:
+    if kw.get("axis", 1) != 1:
         raise ValueError(f"{bn.name}: only channel axis 1 (NCHW / NC) is supported, got {kw['axis']}")
-    if not channels:
-        raise ValueError(f"{bn.name}: its channel count is not known yet (deferred "
-                         "initialization); pass in_channels or run one forward before converting")
-    new = SyncBatchNorm(channels, num_dims=None, eps=kw["eps"], momentum=kw["momentum"],
-                        process_set=process_set)
-    pairs = [(new.gamma, bn.gamma), (new.beta, bn.beta),
-             (new.moving_mean, bn.running_mean), (new.moving_var, bn.running_var)]
-    return _copy_params(new, pairs)
+    return dict(momentum=kw["momentum"], epsilon=kw["eps"], scale=not kw["fix_gamma"],
+                use_global_stats=kw["use_global_stats"], fuse_relu=getattr(bn, "fuse_relu", False))
 
 
-def _from_distbn(bn: BatchNorm, process_set) -> SyncBatchNorm:
-    new = SyncBatchNorm(bn.num_features, num_dims=bn.num_dims, eps=bn.eps, momentum=bn.momentum,
-                        process_set=process_set)
-    pairs = [(getattr(new, k), getattr(bn, k)) for k in ("gamma", "beta", "moving_mean", "moving_var")]
-    return _copy_params(new, pairs)
-
-
-def _copy_params(new: SyncBatchNorm, pairs) -> SyncBatchNorm:
-    for dst, src in pairs:
-        dst.grad_req = src.grad_req  # keeps a frozen gamma (scale=False) frozen
-        if src._data is None:  # source not initialized: the new layer initializes itself later
-            continue
-        ctxs = src.list_ctx()
-        dst.initialize(ctx=ctxs)
-        dst.set_data(src.data(ctxs[0]).reshape(dst.shape))
+def _replace(bn, cls, extra: dict) -> BatchNorm:
+    """A ``cls`` layer that shares ``bn``'s Parameter objects (values, contexts, gradients,
+    deferred initialization and names all carry over; a trainer made before still applies)
+    and its prefix (so its collectives are named alike on every rank)."""
+    settings = _settings(bn)
+    # Gluon shares a Parameter only when the new layer asks for the same grad_req: take the
+    # trainable flags from the parameters as they are now (a gamma frozen by the user stays
+    # frozen), and whether gamma is read at all from the layer's settings.
+    new = cls(bn.gamma.shape[0], prefix=bn.prefix, params=bn.params,
+              beta_initializer=bn.beta.init, gamma_initializer=bn.gamma.init,
+              running_mean_initializer=bn.running_mean.init,
+              running_variance_initializer=bn.running_var.init,
+              **{**settings, **extra, "scale": bn.gamma.grad_req != "null",
+                 "center": bn.beta.grad_req != "null"})
+    new.fix_gamma = not settings["scale"]
+    if bn._active:  # a layer hybridized on its own stays so
+        new.hybridize(True, **dict(bn._flags))
     return new
 
 
 def convert_sync_batchnorm(block: gluon.Block, process_set: Optional[Group] = None) -> gluon.Block:
-    """Return ``block`` with every ``gluon.nn.BatchNorm`` and ``distbn.BatchNorm`` replaced by
-    a ``SyncBatchNorm`` holding the same gamma, beta and moving statistics.
+    """Return ``block`` with every ``gluon.nn.BatchNorm`` (contrib's ``SyncBatchNorm``
+    included) and ``distbn.BatchNorm`` replaced by a ``SyncBatchNorm`` over all workers (or
+    ``process_set``).
 
-    Replaces children in place (and returns the block, or the new layer when ``block`` itself
-    is a BatchNorm). Parameter names change, so create the trainer after converting. A
-    ``HybridSequential`` cannot hold the imperative sync layer: convert networks built from
-    ``nn.Sequential`` containers (their HybridBlock children may stay hybridized).
+    Works on any Gluon network (``HybridBlock`` or ``Block`` containers, before or after
+    initialization, hybridized or not): the new layers share the old ones' Parameter
+    objects, so every value, name and gradient buffer stays, and a trainer made before still
+    applies. Children are replaced in place; the block is returned (or the new layer when
+    ``block`` itself is a batch-norm layer). Compiled graphs are dropped, so the next call
+    (or ``hybridize()``) compiles the network with the new layers.
     """
-    if isinstance(block, SyncBatchNorm):
-        return block
-    if isinstance(block, BatchNorm):
-        return _from_distbn(block, process_set)
-    if isinstance(block, gluon.nn.BatchNorm):
-        return _from_gluon(block, process_set)
+    return convert_batchnorm(block, SyncBatchNorm, process_set=process_set)
+
+
+def convert_batchnorm(block: gluon.Block, cls=BatchNorm, **extra) -> gluon.Block:
+    """Like :func:`convert_sync_batchnorm`, to ``cls`` (a distbn class) built with ``extra``."""
+    if isinstance(block, (gluon.nn.BatchNorm, BatchNorm)) and type(block) is not cls:
+        return _replace(block, cls, extra)
     for key, child in list(block._children.items()):
-        new = convert_sync_batchnorm(child, process_set)
+        new = convert_batchnorm(child, cls, **extra)
         if new is child:
             continue
-        if isinstance(block, gluon.HybridBlock):
-            raise TypeError(f"{block.name} is a HybridBlock and cannot hold {new.name}, an "
-                            "imperative Block: build the network from nn.Sequential containers")
         block._children[key] = new
         for attr, value in list(vars(block).items()):  # attributes that point at the old child
             if value is child:
                 object.__setattr__(block, attr, new)
+    if isinstance(block, gluon.HybridBlock):
+        block._clear_cached_op()
     return block

@@ -1,34 +1,58 @@
-"""The book's LeNet with batch norm after every conv/dense layer but the last. No rank logic."""
+"""The trainer's networks: the book's LeNet, or any Gluon model-zoo vision network, for 1x28x28
+input and 10 classes, with every batch-norm layer of the kind asked for. No rank logic."""
 from __future__ import annotations
 
 from mxnet import gluon
+from mxnet.gluon.model_zoo import vision
 
+from .convert import convert_batchnorm
 from .layers import BatchNorm, SyncBatchNorm
 
 BN_CHOICES = ("sync", "custom", "gluon", "none")
+_BN_CLASSES = {"sync": SyncBatchNorm, "custom": BatchNorm}
 
 
-def _bn(kind: str, channels: int, num_dims: int):
-    if kind == "gluon":
-        return gluon.nn.BatchNorm(in_channels=channels)
-    return (SyncBatchNorm if kind == "sync" else BatchNorm)(channels, num_dims)
+def known_arch(arch: str) -> bool:
+    """``lenet``, or a name ``mxnet.gluon.model_zoo.vision.get_model`` knows (it keeps its
+    list to itself: building the network, shapes deferred, is how to ask)."""
+    if arch == "lenet":
+        return True
+    try:
+        vision.get_model(arch, classes=10)
+    except ValueError:
+        return False
+    return True
 
 
-def lenet(bn: str = "sync") -> gluon.nn.Sequential:
-    """LeNet-5 for 1x28x28 input: conv(6,5) BN sigmoid pool, conv(16,5) BN sigmoid pool,
-    dense(120) BN sigmoid, dense(84) BN sigmoid, dense(10).
-
-    An ``nn.Sequential`` so that the imperative distbn layers can sit in it; ``hybridize()``
-    compiles every other layer. ``bn='none'`` drops the four BN layers.
-    """
+def build(arch: str = "lenet", bn: str = "sync") -> gluon.HybridBlock:
+    """``arch`` with batch norm ``bn``: ``sync`` (distbn.SyncBatchNorm), ``custom``
+    (distbn.BatchNorm, this worker's statistics), ``gluon`` (gluon.nn.BatchNorm) or ``none``
+    (LeNet only: no batch norm)."""
     if bn not in BN_CHOICES:
         raise ValueError(f"model.bn must be one of {', '.join(BN_CHOICES)}, got {bn!r}")
-    net = gluon.nn.Sequential()
+    if arch == "lenet":
+        return lenet(bn)
+    if not known_arch(arch):
+        raise ValueError(f"model.arch must be lenet or a model-zoo vision name (e.g. "
+                         f"resnet18_v1), got {arch!r}")
+    if bn == "none":
+        raise ValueError("model.bn=none is for lenet only: model-zoo networks keep their BN layers")
+    net = vision.get_model(arch, classes=10)
+    return net if bn == "gluon" else convert_batchnorm(net, _BN_CLASSES[bn])
+
+
+def lenet(bn: str = "sync") -> gluon.nn.HybridSequential:
+    """LeNet-5 for 1x28x28 input: conv(6,5) BN sigmoid pool, conv(16,5) BN sigmoid pool,
+    dense(120) BN sigmoid, dense(84) BN sigmoid, dense(10). ``bn='none'`` drops the four BN
+    layers."""
+    net = gluon.nn.HybridSequential()
 
     def block(layer, channels, num_dims, pool):
         net.add(layer)
-        if bn != "none":
-            net.add(_bn(bn, channels, num_dims))
+        if bn == "gluon":
+            net.add(gluon.nn.BatchNorm(in_channels=channels))
+        elif bn != "none":
+            net.add(_BN_CLASSES[bn](channels, num_dims))
         net.add(gluon.nn.Activation("sigmoid"))
         if pool:
             net.add(gluon.nn.MaxPool2D(pool_size=2, strides=2))

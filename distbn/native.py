@@ -1,9 +1,12 @@
-"""distbn's C++ batch-norm operator for the CPU (``csrc/batch_norm.cc``): built once with the
+"""distbn's C++ batch-norm operators for the CPU (``csrc/batch_norm.cc``): built once with the
 system's C++ compiler against the installed MXNet, cached, and loaded through MXNet's
-extension API. ``launch/install.sh`` builds it; otherwise the first use does (a few seconds).
+extension API, after which ``F.distbn_bn_stats`` and ``F.distbn_bn_apply`` exist for both
+``mx.nd`` and ``mx.sym`` (so inside hybridized graphs). ``launch/install.sh`` builds them;
+otherwise the first use does (a few seconds).
 
-Where it cannot be had (no compiler, ``DISTBN_NATIVE=0``), :func:`batch_norm_op` returns None
-and the layers use their MXNet-ops path, which computes the same values, more slowly.
+Where they cannot be had (no compiler, ``DISTBN_NATIVE=0``, or a machine with GPUs, for which
+there is no CUDA kernel), :func:`available` is False and the layers build the same graph from
+MXNet's own operators (:mod:`distbn.stats`), which computes the same values, more slowly.
 """
 from __future__ import annotations
 
@@ -13,10 +16,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "batch_norm.cc"
-_loaded: dict = {}  # "op" -> the nd function, or None after a failure (warned once)
+_loaded: dict = {}  # "ok" -> whether the library is loaded (a failure is warned once)
 
 
 def _mxnet_dir() -> Path:
@@ -43,7 +45,7 @@ def build(dest: Path) -> Path:
     os.close(fd)
     # -Bsymbolic: the library binds to its own copies of lib_api.h's inline functions; loaded
     # next to Horovod's MXNet extension it otherwise picked up foreign ones and crashed.
-    cmd = [os.environ.get("CXX", "g++"), "-O3", "-shared", "-fPIC", "-std=c++17",
+    cmd = [os.environ.get("CXX", "g++"), "-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
            "-Wl,-Bsymbolic", f"-I{mx_dir / 'include'}", str(SOURCE),
            str(mx_dir / "src" / "lib_api.cc"), "-o", tmp]
     try:
@@ -57,26 +59,28 @@ def build(dest: Path) -> Path:
     return dest
 
 
-def load() -> Callable:
-    """Build if needed, load, and return ``mx.nd.distbn_batch_norm``; raises on failure."""
+def load() -> None:
+    """Build if needed and load the library; raises on failure."""
     import mxnet as mx
     path = library_path()
     if not path.is_file():
         build(path)
     mx.library.load(str(path), verbose=False)
-    return mx.nd.distbn_batch_norm
 
 
-def batch_norm_op() -> Optional[Callable]:
-    """The operator, or None when ``DISTBN_NATIVE=0`` or it could not be built (said once)."""
-    if "op" not in _loaded:
-        if os.environ.get("DISTBN_NATIVE", "1") == "0":
-            _loaded["op"] = None
+def available() -> bool:
+    """Whether the C++ operators are loaded; loads them on first call. False with
+    ``DISTBN_NATIVE=0``, on machines with GPUs, or when they cannot be built (said once)."""
+    if "ok" not in _loaded:
+        import mxnet as mx
+        if os.environ.get("DISTBN_NATIVE", "1") == "0" or mx.context.num_gpus() > 0:
+            _loaded["ok"] = False
         else:
             try:
-                _loaded["op"] = load()
-            except Exception as e:  # no compiler, no headers: the MXNet-ops path still works
+                load()
+                _loaded["ok"] = True
+            except Exception as e:  # no compiler, no headers: the MXNet-ops graph still works
                 print(f"distbn: warning: native batch norm unavailable, using MXNet ops "
                       f"(slower): {e}", file=sys.stderr)
-                _loaded["op"] = None
-    return _loaded["op"]
+                _loaded["ok"] = False
+    return _loaded["ok"]

@@ -108,13 +108,8 @@ class RunLog(NullRunLog):
 
 
 def _bn_params(layer):
-    """(tag, Parameter) pairs of a BN layer, whichever class it is."""
-    names = [("gamma", "gamma"), ("beta", "beta")]
-    if hasattr(layer, "moving_mean"):
-        names += [("moving_mean", "moving_mean"), ("moving_var", "moving_var")]
-    else:  # gluon.nn.BatchNorm
-        names += [("moving_mean", "running_mean"), ("moving_var", "running_var")]
-    return [(tag, getattr(layer, attr)) for tag, attr in names]
+    """(tag, Parameter) pairs of a BN layer (Gluon's and distbn's share the names)."""
+    return [(name, getattr(layer, name)) for name in ("gamma", "beta", "running_mean", "running_var")]
 
 
 def open_run_log(is_root: bool, run_dir: Path, config_yaml: str, config: dict,

@@ -110,14 +110,27 @@ def device(comm):
 
 
 def build_model(cfg: Config, ctx):
+    """The configured network, initialized (every shape known, so rank 0's values can be
+    broadcast) and hybridized when asked."""
     import mxnet as mx
-    from .models import lenet
+    from .models import build
 
     mx.random.seed(cfg.train.seed)  # identical everywhere; rank 0's values are broadcast anyway
-    net = lenet(cfg.model.bn)
+    net = build(cfg.model.arch, cfg.model.bn)
     net.initialize(mx.init.Xavier(), ctx=ctx)
     if cfg.model.hybridize:
-        net.hybridize()
+        net.hybridize(static_alloc=True)
+    # Model-zoo networks defer their shapes to the first input. Infer them from the graph and
+    # initialize, rather than run a pass: a prediction pass leaves oneDNN's blocked layout in
+    # convolution weights, which Horovod's broadcast cannot read, and a training pass would
+    # move the running statistics.
+    try:
+        net.infer_shape(mx.nd.zeros((1, 1, 28, 28), ctx=ctx))
+    except (mx.base.MXNetError, ValueError) as e:
+        raise ConfigError(f"model.arch {cfg.model.arch} does not take 1x28x28 input: "
+                          f"{str(e).splitlines()[0]}") from None
+    for p in net.collect_params().values():
+        p._finish_deferred_init()
     return net
 
 
@@ -258,7 +271,8 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
                        cfg.log.progress, cfg.log.histograms)
     start, global_step = resume_point(comm, run_dir, net, trainer, log, cfg.train.lr) if resume else (1, 0)
     comm.broadcast_parameters(net.collect_params(), prefix="distbn.resume")
-    log.info(f"{cfg.name}: {comm.size} worker(s) on {ctx}, bn={cfg.model.bn}, global batch "
+    log.info(f"{cfg.name}: {cfg.model.arch}, {comm.size} worker(s) on {ctx}, bn={cfg.model.bn}, "
+             f"global batch "
              f"{cfg.train.batch_size} ({cfg.train.batch_size // comm.size} per worker), "
              f"{len(data.train_x)} training examples, run dir {run_dir}")
     last = None
@@ -286,7 +300,7 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
         log.save_checkpoint(epoch, global_step, net, trainer, cfg.to_dict())
         watchdog.beat(f"epoch {epoch} evaluation and checkpoint")
     bn = bn_layers(net)
-    moving = [p for layer in bn for p in layer.collect_params().values() if p.grad_req == "null"]
+    moving = [p for layer in bn for p in (layer.running_mean, layer.running_var)]
     learned = [p for p in net.collect_params().values() if p.grad_req != "null"]
     summary = {"final": last, "workers": comm.size, "run_dir": str(run_dir),
                "param_max_deviation_across_workers": replica_deviation(comm, learned, "learned"),

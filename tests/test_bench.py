@@ -63,3 +63,15 @@ def test_step_phases_bench_two_workers_counts_collectives(tmp_path):
     assert rows["sync"]["distbn_collectives_per_step"] == 2 * 4
     assert rows["gluon"]["distbn_collectives_per_step"] == 0
     assert all(rows[bn]["step"] > 0 for bn in rows)
+
+
+@pytest.mark.multiproc
+def test_step_time_bench_two_workers(tmp_path):
+    out = tmp_path / "s.json"
+    horovodrun(2, ["bench/step_time.py", "--arch", "lenet", "resnet18_v1", "--rounds", "1",
+                   "--steps", "2", "--warmup", "1", "--json", out], timeout=300)
+    rows = {r["arch"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["lenet"]["batch_per_worker"] == 128 and rows["resnet18_v1"]["batch_per_worker"] == 32
+    for r in rows.values():
+        assert r["workers"] == 2 and r["gluon_ms"] > 0 and r["sync_ms"] > 0
+        assert r["sync_vs_gluon"] == pytest.approx(r["sync_ms"] / r["gluon_ms"], rel=1e-2)

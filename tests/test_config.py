@@ -14,12 +14,14 @@ def write(tmp_path, text):
 
 
 def test_shipped_configs_load():
-    for name in ("lenet_syncbn", "lenet_gluonbn", "smoke"):
+    for name in ("lenet_syncbn", "lenet_gluonbn", "smoke", "resnet18_syncbn"):
         cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
         assert cfg.name == name
     book = load_config(str(ROOT / "configs" / "lenet_syncbn.yaml"))
     assert (book.train.lr, book.train.epochs, book.train.batch_size, book.model.bn) == (1.0, 5, 256, "sync")
     assert load_config(str(ROOT / "configs" / "lenet_gluonbn.yaml")).model.bn == "gluon"
+    zoo = load_config(str(ROOT / "configs" / "resnet18_syncbn.yaml"))
+    assert (zoo.model.arch, zoo.model.bn, book.model.arch) == ("resnet18_v1", "sync", "lenet")
 
 
 def test_overrides_and_frozen(tmp_path):
@@ -43,6 +45,8 @@ def test_overrides_and_frozen(tmp_path):
     ("train: {epochs: 0}\n", [], "train.epochs must be at least 1"),
     ("train: {batch_size: -4}\n", [], "train.batch_size must be at least 1"),
     ("model: {bn: batch}\n", [], "model.bn must be one of sync, custom, gluon, none"),
+    ("model: {arch: resnet19}\n", [], "model.arch must be lenet or a mxnet.gluon.model_zoo"),
+    ("model: {arch: resnet18_v1, bn: none}\n", [], "model.bn none is for lenet only"),
     ("train: 5\n", [], "train.: expected a mapping"),
     ("", ["train.lr"], "--set takes KEY=VALUE"),
     ("", ["train.nope=1"], "unknown key train.nope"),
@@ -66,6 +70,7 @@ BAD = [
     (["--set", "train.lrr=1"], "unknown key train.lrr"),
     (["--set", "train.lr=-1"], "train.lr must be a positive finite number"),
     (["--set", "model.bn=batch"], "model.bn must be one of"),
+    (["--set", "model.arch=densenet121"], "model.arch densenet121 does not take 1x28x28 input"),
     (["--config", "configs/nope.yaml"], "cannot read config file configs/nope.yaml"),
 ]
 

@@ -41,3 +41,24 @@ def test_large_mean_small_spread_over_workers(np_):
     else:
         _, out = horovodrun(np_, [MP / "stress.py"], timeout=180)
     assert out.count(": OK") == np_, out
+
+
+# Model-zoo networks, converted and hybridized (oneDNN on), at 2 examples per worker; see
+# tests/mp/zoo_equivalence.py for how "equal" is judged. MobileNetV2 takes 64x64 inputs: at
+# 28x28 its last layers normalize 1x1 maps of 4-8 values and float32 training diverges from
+# float64 within a step (Gluon's own BN alike), leaving nothing to compare.
+ZOO = {"resnet18_v1": 28, "mobilenetv2_0.25": 64, "resnet18_v2": 28}
+
+
+@pytest.mark.parametrize("np_", [2, 4])
+@pytest.mark.parametrize("arch", list(ZOO))
+def test_model_zoo_network_equals_one_process(np_, arch):
+    _, out = horovodrun(np_, [MP / "zoo_equivalence.py", "--arch", arch, "--image", ZOO[arch],
+                              "--per-worker", 2, "--lr", 0.01], timeout=300)
+    assert out.count(": OK") == np_, out
+
+
+def test_model_zoo_local_bn_is_caught_by_the_same_check():
+    code, out = horovodrun(2, [MP / "zoo_equivalence.py", "--arch", "resnet18_v1", "--per-worker",
+                               2, "--lr", 0.01, "--layer", "gluon"], timeout=300, check=False)
+    assert code != 0 and "MISMATCH" in out and ": OK" not in out, out

@@ -137,10 +137,31 @@ def test_tensorboard_server_shows_scalars_and_histograms(tmp_path):
         metrics = read_metrics(run_dir)
         assert [round(p[2], 5) for p in points] == [round(m["test_acc"], 5) for m in metrics]
         htags = _get_json(f"{base}/histograms/tags", deadline)
-        assert {"bn0/gamma", "bn0/beta", "bn0/moving_mean", "bn3/moving_var"} <= set(htags[run])
+        assert {"bn0/gamma", "bn0/beta", "bn0/running_mean", "bn3/running_var"} <= set(htags[run])
         q = urllib.parse.urlencode({"run": run, "tag": "bn0/gamma"})
         hist = _get_json(f"{base}/histograms/histograms?{q}", deadline)
         assert len(hist) == 2
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("np_", [1, pytest.param(2, marks=pytest.mark.multiproc)])
+def test_model_zoo_network_trains_with_histograms_for_every_bn_layer(tmp_path, np_):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _, out = train(tmp_path, "zoo", np_=np_, extra=[
+        "--set", "model.arch=resnet18_v1", "--set", "train.lr=0.05", "--set", "train.momentum=0.9",
+        "--set", "data.limit=256", "--set", "data.test_limit=100"])
+    assert "resnet18_v1" in out
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [1, 2] and all(np.isfinite(m["train_loss"]) for m in metrics)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["param_max_deviation_across_workers"] == 0.0
+    assert summary["moving_stats_max_deviation_across_workers"] == 0.0
+    events = EventAccumulator(str(run_dir), size_guidance={"histograms": 0})
+    events.Reload()
+    tags = set(events.Tags()["histograms"])
+    assert {f"bn{i}/{p}" for i in range(20) for p in ("gamma", "beta", "running_mean",
+                                                       "running_var")} <= tags, sorted(tags)
+    assert "bn20/gamma" not in tags  # ResNet-18 v1 has exactly 20 BN layers

@@ -1,19 +1,36 @@
-// distbn_batch_norm: training-mode batch norm of one worker's batch, float32, (N, C) or
-// (N, C, H, W), on the CPU; loaded into MXNet through its extension API (lib_api.h, shipped in
-// the MXNet wheel) by distbn/native.py.
+// distbn's batch-norm operators for the CPU, float32 data of any rank >= 2 with channels on
+// axis 1, loaded into MXNet through its extension API (lib_api.h, shipped in the MXNet wheel)
+// by distbn/native.py. Usable imperatively and inside hybridized graphs (mx.sym ops too).
 //
-//   inputs:  x, gamma (C), beta (C), moving_mean (C), moving_var (C)   (the last two mutated)
-//   outputs: y (x's shape), mean (C), invstd (C) = 1 / sqrt(var + eps)
-//   attrs:   eps, momentum   (moving = momentum * moving + (1 - momentum) * batch, biased var)
+//   distbn_bn_stats(x) -> L                       L: float64 (1 + 2C,) = [n, n*m (C), n*(v + m^2) (C)]
+//       this worker's count, and its mean m and biased variance v packed so that a sum over
+//       workers gives the global count, sum and sum of squares.
+//   distbn_bn_apply(x, G, probe, gamma, beta, running_mean, running_var) -> y
+//       G: a sum of L over workers (or L itself); probe: see below; running_* mutated.
+//       attrs: eps, momentum, fix_gamma (gamma read as 1), local (G is this worker's own L)
 //
-// Why: MXNet's fused kernel sums in float32 one value after another, which loses the variance
-// of data far from zero, and fixing that with MXNet's own ops costs an extra pass and several
-// calls per layer (each ~0.1 ms on a busy CPU). Here the sums are taken of x minus each
-// channel's first value (of the order of the spread, so float32 row sums are exact enough),
-// gathered per row into doubles; forward and backward are one call each, moving statistics
-// included. Single-threaded: no second OpenMP runtime next to MXNet's.
+// Why statistics are packed that way: m and v are summed from x minus each channel's first
+// value (of the order of the spread, so float32 row sums are exact enough), then combined in
+// double: the global variance S2/N - mu^2 keeps ~1e-16 * mu^2 of error (1e-8 at a mean of 1e4),
+// where MXNet's own kernel, summing raw float32 values one after another, loses it all.
+//
+// Training or prediction: extension operators are not told MXNet's is_train flag, so the layer
+// passes `probe`, the output of MXNet's BatchNorm on [-1e15, +1e15] per channel with the same
+// running statistics and momentum 1: about -1 in training (batch statistics), of magnitude
+// ~1e15 / sqrt(running_var) in prediction. |probe[0]| < 2 means training.
+//
+// Backward. With `local`, G is this worker's statistics and the whole exact gradient is
+// computed here: dx = g * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)). Otherwise the
+// statistics come from all workers: this op returns g * invstd * dy for x and the gradient
+// with respect to G; the all-reduce's backward sums that over workers, and distbn_bn_stats'
+// backward turns it into the rest of dx (MXNet adds the two).
+//
+// Channels are processed in parallel with OpenMP (OMP_NUM_THREADS threads) when the tensor is
+// large enough to pay for it; MXNet links the system's libgomp, and so does this library, so
+// both share one OpenMP runtime.
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 #include "mxnet/lib_api.h"
 
@@ -21,148 +38,300 @@ using namespace mxnet::ext;
 
 namespace {
 
-struct Dims { int64_t n, c, hw; };
+using Attrs = std::unordered_map<std::string, std::string>;
 
-Dims dims_of(const MXTensor& x) {
+struct Dims { int64_t n, c, hw; };  // (N, C, everything after axis 1)
+
+Dims dims_of(MXTensor& x) {
   Dims d{x.shape[0], x.shape[1], 1};
   for (size_t i = 2; i < x.shape.size(); ++i) d.hw *= x.shape[i];
   return d;
 }
 
-float attr(const std::unordered_map<std::string, std::string>& a, const char* k, float dflt) {
+// Below this many elements a parallel region costs more than it saves (a few microseconds).
+constexpr int64_t kParallelMin = 1 << 15;
+
+double attr(const Attrs& a, const char* k, double dflt) {
   auto it = a.find(k);
-  return it == a.end() ? dflt : std::stof(it->second);
+  return it == a.end() ? dflt : std::stod(it->second);
 }
 
-MXReturnValue forward(const std::unordered_map<std::string, std::string>& attrs,
-                      std::vector<MXTensor>* in, std::vector<MXTensor>* out,
-                      const OpResource&) {
-  const float eps = attr(attrs, "eps", 1e-5f), mom = attr(attrs, "momentum", 0.9f);
+bool flag(const Attrs& a, const char* k) {
+  auto it = a.find(k);
+  return it != a.end() && (it->second == "1" || it->second == "True" || it->second == "true");
+}
+
+void zero(MXTensor* t) {
+  if (t->dtype == kFloat64) {
+    double* p = t->data<double>();
+    for (int64_t i = 0; i < t->size(); ++i) p[i] = 0;
+  } else {
+    float* p = t->data<float>();
+    for (int64_t i = 0; i < t->size(); ++i) p[i] = 0.f;
+  }
+}
+
+// Per channel c: the sums of f1(a, b) and of f2(a, b) over N and the trailing axes, in one
+// pass; float32 within a row (vectorized: summed in any order), double across rows. ``b`` may
+// be null (then f1, f2 get a twice).
+template <typename F1, typename F2>
+std::pair<double, double> channel_sums(const float* a, const float* b, const Dims& d, int64_t c,
+                                       F1 f1, F2 f2) {
+  double s1 = 0, s2 = 0;
+  for (int64_t i = 0; i < d.n; ++i) {
+    const float* ra = a + (i * d.c + c) * d.hw;
+    const float* rb = b ? b + (i * d.c + c) * d.hw : ra;
+    float r1 = 0.f, r2 = 0.f;
+#pragma omp simd reduction(+ : r1, r2)
+    for (int64_t j = 0; j < d.hw; ++j) { r1 += f1(ra[j], rb[j]); r2 += f2(ra[j], rb[j]); }
+    s1 += r1;
+    s2 += r2;
+  }
+  return {s1, s2};
+}
+
+// ---- distbn_bn_stats ---------------------------------------------------------------------
+
+MXReturnValue stats_forward(const Attrs&, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                            const OpResource&) {
   MXTensor& X = (*in)[0];
   const Dims d = dims_of(X);
   const float* x = X.data<float>();
-  const float* gamma = (*in)[1].data<float>();
-  const float* beta = (*in)[2].data<float>();
-  float* mm = (*in)[3].data<float>();
-  float* mv = (*in)[4].data<float>();
-  float* y = (*out)[0].data<float>();
-  float* mean_out = (*out)[1].data<float>();
-  float* invstd_out = (*out)[2].data<float>();
-  const double count = static_cast<double>(d.n * d.hw);
+  double* L = (*out)[0].data<double>();
+  const double n = static_cast<double>(d.n * d.hw);
+  L[0] = n;
+#pragma omp parallel for if (d.n * d.c * d.hw >= kParallelMin)
   for (int64_t c = 0; c < d.c; ++c) {
     const float shift = x[c * d.hw];
-    double s1 = 0, s2 = 0;
+    const auto [s1, s2] = channel_sums(
+        x, nullptr, d, c, [shift](float v, float) { return v - shift; },
+        [shift](float v, float) { const float e = v - shift; return e * e; });
+    const double md = s1 / n;
+    const double var = std::max(s2 / n - md * md, 0.0);
+    const double m = shift + md;
+    L[1 + c] = n * m;
+    L[1 + d.c + c] = n * (var + m * m);
+  }
+  return MX_SUCCESS;
+}
+
+// in: dL, x, L   out: dx.  L1 = sum(x), L2 = sum(x^2), so dx = dL1 + 2 dL2 x, computed as
+// (dL1 + 2 dL2 m) + 2 dL2 (x - m) with m the local mean: the first term is formed in double,
+// where its two parts cancel when the data sit far from zero.
+MXReturnValue stats_backward(const Attrs&, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                             const OpResource&) {
+  const double* dL = (*in)[0].data<double>();
+  MXTensor& X = (*in)[1];
+  const double* L = (*in)[2].data<double>();
+  const Dims d = dims_of(X);
+  const float* x = X.data<float>();
+  float* dx = (*out)[0].data<float>();
+#pragma omp parallel for if (d.n * d.c * d.hw >= kParallelMin)
+  for (int64_t c = 0; c < d.c; ++c) {
+    const double m = L[1 + c] / L[0];
+    const float a = static_cast<float>(dL[1 + c] + 2 * dL[1 + d.c + c] * m);
+    const float b = static_cast<float>(2 * dL[1 + d.c + c]);
+    const float mf = static_cast<float>(m);
     for (int64_t i = 0; i < d.n; ++i) {
       const float* row = x + (i * d.c + c) * d.hw;
-      float r1 = 0.f, r2 = 0.f;
-      for (int64_t j = 0; j < d.hw; ++j) { const float v = row[j] - shift; r1 += v; r2 += v * v; }
-      s1 += r1; s2 += r2;
+      float* o = dx + (i * d.c + c) * d.hw;
+#pragma omp simd
+      for (int64_t j = 0; j < d.hw; ++j) o[j] = a + b * (row[j] - mf);
     }
-    const double mean_d = s1 / count;
-    double var = s2 / count - mean_d * mean_d;
-    if (var < 0) var = 0;
-    const double mean = shift + mean_d;
-    const float invstd = static_cast<float>(1.0 / std::sqrt(var + eps));
-    const float scale = gamma[c] * invstd, bias = beta[c] - static_cast<float>(mean) * scale;
+  }
+  return MX_SUCCESS;
+}
+
+MXReturnValue stats_parse(const Attrs&, int* n_in, int* n_out) {
+  *n_in = 1;
+  *n_out = 1;
+  return MX_SUCCESS;
+}
+
+MXReturnValue stats_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  if ((*in)[0] != kFloat32) { MX_ERROR_MSG << "distbn batch norm: float32 input only"; return MX_FAIL; }
+  (*out)[0] = kFloat64;
+  return MX_SUCCESS;
+}
+
+bool known(const std::vector<unsigned int>& s) {  // unknown dims come as 0 or as -1
+  if (s.empty()) return false;
+  for (unsigned v : s) if (v == 0 || v == static_cast<unsigned>(-1)) return false;
+  return true;
+}
+
+MXReturnValue stats_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
+                          std::vector<std::vector<unsigned int>>* out) {
+  const auto& x = (*in)[0];
+  if (x.size() < 2) { MX_ERROR_MSG << "distbn batch norm: input needs a channel axis 1"; return MX_FAIL; }
+  (*out)[0] = {1 + 2 * x[1]};
+  return MX_SUCCESS;
+}
+
+// ---- distbn_bn_apply ---------------------------------------------------------------------
+
+struct Channel { double mean, var; };
+
+// Mean and biased variance of channel c: from G in training, the running values otherwise.
+Channel channel_stats(const double* G, int64_t C, int64_t c, bool training,
+                      const float* rm, const float* rv) {
+  if (!training) return {rm[c], rv[c]};
+  const double mean = G[1 + c] / G[0];
+  return {mean, std::max(G[1 + C + c] / G[0] - mean * mean, 0.0)};
+}
+
+bool is_training(MXTensor& probe) { return std::fabs(probe.data<float>()[0]) < 2.f; }
+
+MXReturnValue apply_forward(const Attrs& attrs, std::vector<MXTensor>* in,
+                            std::vector<MXTensor>* out, const OpResource&) {
+  const double eps = attr(attrs, "eps", 1e-5), mom = attr(attrs, "momentum", 0.9);
+  const bool fix_gamma = flag(attrs, "fix_gamma");
+  MXTensor& X = (*in)[0];
+  const Dims d = dims_of(X);
+  const float* x = X.data<float>();
+  const double* G = (*in)[1].data<double>();
+  const bool training = is_training((*in)[2]);
+  const float* gamma = (*in)[3].data<float>();
+  const float* beta = (*in)[4].data<float>();
+  float* rm = (*in)[5].data<float>();
+  float* rv = (*in)[6].data<float>();
+  float* y = (*out)[0].data<float>();
+#pragma omp parallel for if (d.n * d.c * d.hw >= kParallelMin)
+  for (int64_t c = 0; c < d.c; ++c) {
+    const Channel s = channel_stats(G, d.c, c, training, rm, rv);
+    const double invstd = 1.0 / std::sqrt(s.var + eps);
+    const double scale = (fix_gamma ? 1.0 : gamma[c]) * invstd;
+    const float k = static_cast<float>(scale), m = static_cast<float>(s.mean), b = beta[c];
     for (int64_t i = 0; i < d.n; ++i) {
       const float* row = x + (i * d.c + c) * d.hw;
       float* yrow = y + (i * d.c + c) * d.hw;
-      for (int64_t j = 0; j < d.hw; ++j) yrow[j] = row[j] * scale + bias;
+#pragma omp simd
+      for (int64_t j = 0; j < d.hw; ++j) yrow[j] = (row[j] - m) * k + b;
     }
-    mean_out[c] = static_cast<float>(mean);
-    invstd_out[c] = invstd;
-    mm[c] = mom * mm[c] + (1 - mom) * static_cast<float>(mean);
-    mv[c] = mom * mv[c] + (1 - mom) * static_cast<float>(var);
+    if (training) {  // moving = momentum * moving + (1 - momentum) * batch, biased variance
+      rm[c] = static_cast<float>(mom * rm[c] + (1 - mom) * s.mean);
+      rv[c] = static_cast<float>(mom * rv[c] + (1 - mom) * s.var);
+    }
   }
   return MX_SUCCESS;
 }
 
-// MXNet hands backward the output gradients, then the inputs, then the outputs:
-//   in:  dy, dmean, dinvstd, x, gamma, beta, moving_mean, moving_var, y, mean, invstd
-//   out: dx, dgamma, dbeta (and zeros for the moving statistics when MXNet asks for them)
-// dx = gamma * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over the batch.
-MXReturnValue backward(const std::unordered_map<std::string, std::string>&,
-                       std::vector<MXTensor>* in, std::vector<MXTensor>* out,
-                       const OpResource&) {
-  MXTensor& X = (*in)[3];
-  const Dims d = dims_of(X);
+// in:  dy, x, G, probe, gamma, beta, running_mean, running_var, y
+// out: dx, dG, dprobe, dgamma, dbeta, (d running_mean, d running_var when MXNet asks)
+MXReturnValue apply_backward(const Attrs& attrs, std::vector<MXTensor>* in,
+                             std::vector<MXTensor>* out, const OpResource&) {
+  const double eps = attr(attrs, "eps", 1e-5);
+  const bool fix_gamma = flag(attrs, "fix_gamma"), local = flag(attrs, "local");
   const float* dy = (*in)[0].data<float>();
+  MXTensor& X = (*in)[1];
+  const Dims d = dims_of(X);
   const float* x = X.data<float>();
+  const double* G = (*in)[2].data<double>();
+  const bool training = is_training((*in)[3]);
   const float* gamma = (*in)[4].data<float>();
-  const float* mean = (*in)[9].data<float>();
-  const float* invstd = (*in)[10].data<float>();
+  const float* rm = (*in)[6].data<float>();
+  const float* rv = (*in)[7].data<float>();
   float* dx = (*out)[0].data<float>();
-  float* dgamma = (*out)[1].data<float>();
-  float* dbeta = (*out)[2].data<float>();
-  const double count = static_cast<double>(d.n * d.hw);
+  double* dG = (*out)[1].data<double>();
+  float* dgamma = (*out)[3].data<float>();
+  float* dbeta = (*out)[4].data<float>();
+  zero(&(*out)[1]);  // the count's entry stays 0: n is not a function of x
+  for (size_t k = 2; k < out->size(); ++k) if (k != 3 && k != 4) zero(&(*out)[k]);
+  const double N = training ? G[0] : 1.0;
+#pragma omp parallel for if (d.n * d.c * d.hw >= kParallelMin)
   for (int64_t c = 0; c < d.c; ++c) {
-    const float m = mean[c], s = invstd[c];
-    double sdy = 0, sdyx = 0;
-    for (int64_t i = 0; i < d.n; ++i) {
-      const float* row = x + (i * d.c + c) * d.hw;
-      const float* g = dy + (i * d.c + c) * d.hw;
-      float r1 = 0.f, r2 = 0.f;
-      for (int64_t j = 0; j < d.hw; ++j) { r1 += g[j]; r2 += g[j] * (row[j] - m); }
-      sdy += r1; sdyx += r2;
-    }
-    sdyx *= s;  // sum(dy * x_hat)
-    const float k = gamma[c] * s;
-    const float a = static_cast<float>(sdy / count), b = static_cast<float>(sdyx / count) * s;
-    for (int64_t i = 0; i < d.n; ++i) {
-      const float* row = x + (i * d.c + c) * d.hw;
-      const float* g = dy + (i * d.c + c) * d.hw;
-      float* o = dx + (i * d.c + c) * d.hw;
-      for (int64_t j = 0; j < d.hw; ++j) o[j] = k * (g[j] - a - (row[j] - m) * b);
-    }
-    dgamma[c] = static_cast<float>(sdyx);
+    const Channel s = channel_stats(G, d.c, c, training, rm, rv);
+    const double invstd = 1.0 / std::sqrt(s.var + eps);
+    const double g = fix_gamma ? 1.0 : gamma[c];
+    const float m = static_cast<float>(s.mean);
+    const auto [sdy, sdyx] = channel_sums(
+        x, dy, d, c, [](float, float e) { return e; }, [m](float v, float e) { return e * (v - m); });
     dbeta[c] = static_cast<float>(sdy);
+    dgamma[c] = fix_gamma ? 0.f : static_cast<float>(sdyx * invstd);
+    const float k = static_cast<float>(g * invstd);
+    // dx = k * (dy - a - (x - mean) * b); a, b are the statistics' terms when they are local
+    float a = 0.f, b = 0.f;
+    if (training && local) {
+      a = static_cast<float>(sdy / N);
+      b = static_cast<float>(sdyx / N * invstd * invstd);
+    } else if (training) {  // gradient with respect to the global sums in G
+      const double dmean = -g * invstd * sdy;
+      const double dvar = -0.5 * g * invstd * invstd * invstd * sdyx;
+      dG[1 + c] = (dmean - 2 * s.mean * dvar) / N;
+      dG[1 + d.c + c] = dvar / N;
+    }
+    for (int64_t i = 0; i < d.n; ++i) {
+      const float* row = x + (i * d.c + c) * d.hw;
+      const float* e = dy + (i * d.c + c) * d.hw;
+      float* o = dx + (i * d.c + c) * d.hw;
+#pragma omp simd
+      for (int64_t j = 0; j < d.hw; ++j) o[j] = k * (e[j] - a - (row[j] - m) * b);
+    }
   }
-  for (size_t k = 3; k < out->size(); ++k) {  // no gradient for the moving statistics
-    float* z = (*out)[k].data<float>();
-    for (int64_t i = 0; i < (*out)[k].size(); ++i) z[i] = 0.f;
+  return MX_SUCCESS;
+}
+
+MXReturnValue apply_parse(const Attrs&, int* n_in, int* n_out) {
+  *n_in = 7;
+  *n_out = 1;
+  return MX_SUCCESS;
+}
+
+MXReturnValue apply_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  static const char* names[] = {"x", "G", "probe", "gamma", "beta", "running_mean", "running_var"};
+  for (size_t i = 0; i < in->size(); ++i) {
+    const int want = i == 1 ? kFloat64 : kFloat32;
+    if ((*in)[i] == -1) (*in)[i] = want;
+    if ((*in)[i] != want) {
+      MX_ERROR_MSG << "distbn batch norm: " << names[i] << " must be "
+                   << (want == kFloat64 ? "float64" : "float32");
+      return MX_FAIL;
+    }
   }
+  (*out)[0] = kFloat32;
   return MX_SUCCESS;
 }
 
-MXReturnValue parse_attrs(const std::unordered_map<std::string, std::string>&, int* n_in, int* n_out) {
-  *n_in = 5;
-  *n_out = 3;
-  return MX_SUCCESS;
-}
-
-MXReturnValue infer_type(const std::unordered_map<std::string, std::string>&,
-                         std::vector<int>* in, std::vector<int>* out) {
-  for (int t : *in) if (t != kFloat32) { MX_ERROR_MSG << "distbn batch norm: float32 only"; return MX_FAIL; }
-  for (auto& t : *out) t = kFloat32;
-  return MX_SUCCESS;
-}
-
-MXReturnValue infer_shape(const std::unordered_map<std::string, std::string>&,
-                          std::vector<std::vector<unsigned int>>* in,
+MXReturnValue apply_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
                           std::vector<std::vector<unsigned int>>* out) {
   const auto& x = (*in)[0];
-  if (x.size() != 2 && x.size() != 4) { MX_ERROR_MSG << "distbn batch norm: 2-D or 4-D input"; return MX_FAIL; }
+  if (x.size() < 2) { MX_ERROR_MSG << "distbn batch norm: input needs a channel axis 1"; return MX_FAIL; }
+  const unsigned c = x[1];
+  (*in)[1] = {1 + 2 * c};
+  for (int i = 3; i < 7; ++i) {  // gamma, beta, running stats: (C,), filled in when deferred
+    if (!known((*in)[i])) (*in)[i] = {c};
+    if ((*in)[i] != std::vector<unsigned int>{c}) {
+      MX_ERROR_MSG << "distbn batch norm: parameters must have shape (" << c << ",) for input with "
+                   << c << " channels";
+      return MX_FAIL;
+    }
+  }
   (*out)[0] = x;
-  (*out)[1] = {x[1]};
-  (*out)[2] = {x[1]};
   return MX_SUCCESS;
 }
 
-MXReturnValue mutate_inputs(const std::unordered_map<std::string, std::string>&, std::vector<int>* idx) {
-  idx->push_back(3);
-  idx->push_back(4);
+MXReturnValue apply_mutate(const Attrs&, std::vector<int>* idx) {
+  idx->push_back(5);
+  idx->push_back(6);
   return MX_SUCCESS;
 }
 
 }  // namespace
 
-REGISTER_OP(distbn_batch_norm)
-.setParseAttrs(parse_attrs)
-.setInferType(infer_type)
-.setInferShape(infer_shape)
-.setMutateInputs(mutate_inputs)
-.setForward(forward, "cpu")
-.setBackward(backward, "cpu");
+REGISTER_OP(distbn_bn_stats)
+.setParseAttrs(stats_parse)
+.setInferType(stats_type)
+.setInferShape(stats_shape)
+.setForward(stats_forward, "cpu")
+.setBackward(stats_backward, "cpu");
+
+REGISTER_OP(distbn_bn_apply)
+.setParseAttrs(apply_parse)
+.setInferType(apply_type)
+.setInferShape(apply_shape)
+.setMutateInputs(apply_mutate)
+.setForward(apply_forward, "cpu")
+.setBackward(apply_backward, "cpu");
 
 MXReturnValue initialize(int version) {
   return version >= 10900 ? MX_SUCCESS : MX_FAIL;

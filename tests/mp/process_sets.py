@@ -29,8 +29,8 @@ y.backward()
 joint = np.concatenate([batch(r) for r in mine.ranks]).astype(np.float64)
 want_mean = 0.1 * joint.mean(axis=0)
 want_var = 0.9 + 0.1 * joint.var(axis=0)
-got_mean = layer.moving_mean.data().asnumpy().ravel()
-got_var = layer.moving_var.data().asnumpy().ravel()
+got_mean = layer.running_mean.data().asnumpy().ravel()
+got_var = layer.running_var.data().asnumpy().ravel()
 ok = np.allclose(got_mean, want_mean, rtol=1e-5) and np.allclose(got_var, want_var, rtol=1e-5)
 # The other group's statistics differ (its data sit 20 higher).
 other = np.concatenate([batch(r) for r in groups[1 - comm.rank // 2].ranks]).mean(axis=0) * 0.1

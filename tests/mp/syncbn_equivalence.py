@@ -107,9 +107,9 @@ def main():
             g = getattr(bn_net, pname).grad().copy().reshape(-1)
             gsum = comm.allreduce_sum(g, name=f"test.{pname}.{step}").asnumpy()
             ok &= close(f"{pname} grad (summed)", gsum, getattr(bn_ref, pname).grad().asnumpy(), step)
-        ok &= close("moving_mean", bn_net.moving_mean.data().asnumpy().ravel(),
+        ok &= close("running_mean", bn_net.running_mean.data().asnumpy().ravel(),
                     bn_ref.running_mean.data().asnumpy(), step)
-        ok &= close("moving_var", bn_net.moving_var.data().asnumpy().ravel(),
+        ok &= close("running_var", bn_net.running_var.data().asnumpy().ravel(),
                     bn_ref.running_var.data().asnumpy(), step)
         ref_tr.step(total)
         net_tr.step(total / size)  # DistributedTrainer averages over workers; this makes sum/total

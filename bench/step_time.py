@@ -1,0 +1,105 @@
+"""Training-step time of whole hybridized networks, SyncBatchNorm against Gluon's BatchNorm.
+
+    python bench/step_time.py                                  # one process
+    horovodrun -np 2 -H localhost:2 python bench/step_time.py  # 2 workers (Gloo)
+    python bench/step_time.py --arch resnet18_v1 --global-batch 64 --rounds 9 --json out.json
+
+For each architecture, one network per BN kind is built (same initial values), hybridized
+with static_alloc and static_shape as users would, and trained on random 1x28x28 inputs
+(timing only). The kinds take turns: each round runs --steps steps of every kind, waited for
+step by step (forward, backward, trainer step), so a drifting machine load hits all alike.
+Reported: median step time over all rounds per kind, the ratio of medians to Gluon's, and the
+median of the per-round ratios, rank 0's clock. A step ends when every worker's gradients are
+all-reduced, so rank 0's time is the job's.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import mxnet as mx
+from mxnet import autograd, gluon, nd
+
+from distbn.comm import get_comm
+from distbn.models import build
+
+DEFAULT_BATCH = {"lenet": 256, "resnet18_v1": 64}
+
+
+def make(arch, bn, comm, batch):
+    mx.random.seed(0)
+    net = build(arch, bn)
+    net.initialize(mx.init.Xavier())
+    net.hybridize(static_alloc=True, static_shape=True)
+    net.infer_shape(nd.zeros((batch, 1, 28, 28)))  # model-zoo shapes are deferred
+    for p in net.collect_params().values():
+        p._finish_deferred_init()
+    comm.broadcast_parameters(net.collect_params(), prefix=f"bench.{arch}.{bn}")
+    opt = {"learning_rate": 0.01, "momentum": 0.9}
+    return net, comm.trainer(net.collect_params(), "sgd", opt)
+
+
+def run_steps(net, trainer, x, y, n):
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        with autograd.record():
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        trainer.step(x.shape[0])
+        nd.waitall()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bench(arch, kinds, comm, global_batch, rounds, steps, warmup):
+    batch = global_batch // comm.size
+    rs = np.random.RandomState(comm.rank)
+    x, y = nd.array(rs.rand(batch, 1, 28, 28)), nd.array(rs.randint(0, 10, batch))
+    nets = {k: make(arch, k, comm, batch) for k in kinds}
+    for k in kinds:
+        run_steps(*nets[k], x, y, warmup)
+    samples = {k: [] for k in kinds}
+    per_round = {k: [] for k in kinds}
+    for _ in range(rounds):
+        med = {}
+        for k in kinds:
+            t = run_steps(*nets[k], x, y, steps)
+            samples[k] += t
+            med[k] = statistics.median(t)
+        for k in kinds:
+            per_round[k].append(med[k] / med[kinds[0]])
+    ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    return {"arch": arch, "workers": comm.size, "batch_per_worker": batch,
+            "rounds": rounds, "steps_per_round": steps,
+            **{f"{k}_ms": round(ms[k], 2) for k in kinds},
+            **{f"{k}_vs_{kinds[0]}": round(ms[k] / ms[kinds[0]], 3) for k in kinds[1:]},
+            **{f"{k}_vs_{kinds[0]}_round_median": round(statistics.median(per_round[k]), 3)
+               for k in kinds[1:]}}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", nargs="+", default=["lenet", "resnet18_v1"])
+    ap.add_argument("--bn", nargs="+", default=["gluon", "sync"], help="first: the baseline")
+    ap.add_argument("--global-batch", type=int, help="default: 256 for lenet, 64 otherwise")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=10, help="steps per kind and round")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    comm = get_comm()
+    rows = [bench(a, args.bn, comm, args.global_batch or DEFAULT_BATCH.get(a, 64), args.rounds,
+                  args.steps, args.warmup) for a in args.arch]
+    if comm.rank == 0:
+        for r in rows:
+            print(" | ".join(f"{k}={v}" for k, v in r.items()))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -52,8 +52,8 @@ def local_stats(F, x, native: bool):
     d = F.broadcast_sub(x3, shift)
     shape = F.BlockGrad(F.cast(F.shape_array(x), "float64"))
     n = F.prod(shape, keepdims=True) / F.slice_axis(shape, axis=0, begin=1, end=2)  # (1,)
-    mean_d = F.broadcast_div(F.cast(F.sum(d, axis=(0, 2)), "float64"), n)
-    var = F.relu(F.broadcast_div(F.cast(F.sum(F.square(d), axis=(0, 2)), "float64"), n)
+    mean_d = F.broadcast_div(F.cast(_channel_sum(F, d), "float64"), n)
+    var = F.relu(F.broadcast_div(F.cast(_channel_sum(F, F.square(d)), "float64"), n)
                  - F.square(mean_d))
     mean = F.cast(shift.reshape((-1,)), "float64") + mean_d
     return F.concat(n, F.broadcast_mul(n, mean), F.broadcast_mul(n, var + F.square(mean)), dim=0)
@@ -89,6 +89,19 @@ def normalize(F, x, G, probe, gamma, beta, running_mean, running_var, *, eps: fl
     y3 = F.broadcast_add(F.broadcast_mul(F.broadcast_sub(x3, shift), scale.reshape((1, -1, 1))),
                          bias.reshape((1, -1, 1)))
     return F.reshape_like(y3, x)
+
+
+def _channel_sum(F, z3):
+    """Sum over axes 0 and 2 of (N, C, rest) ``z3``, (C,), as two matrix-vector products:
+    MXNet's own reduction over those axes runs ~14x slower on the CPU (10 ms against 0.7 ms at
+    LeNet's conv1 shape, batch 256), and BLAS sums in blocks, which rounds less."""
+    first = F.slice_axis(z3, axis=0, begin=0, end=1)                             # (1, C, rest)
+    ones_n = F.ones_like(F.slice_axis(F.slice_axis(z3, axis=1, begin=0, end=1), axis=2,
+                                      begin=0, end=1)).reshape((1, -1))          # (1, N)
+    ones_rest = F.ones_like(F.slice_axis(first, axis=1, begin=0, end=1)).reshape((-1, 1))
+    per_position = F.dot(ones_n, F.reshape(z3, (0, -1)))                        # (1, C*rest)
+    per_channel = F.reshape_like(per_position, first).reshape((-3, 0))           # (C, rest)
+    return F.dot(per_channel, ones_rest).reshape((-1,))
 
 
 def _corner(F, x3):

@@ -18,6 +18,10 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "batch_norm.cc"
+# -Bsymbolic: the library binds to its own copies of lib_api.h's inline functions; loaded next
+# to Horovod's MXNet extension it otherwise picked up foreign ones and crashed. -fopenmp: the
+# system's libgomp, the OpenMP runtime MXNet itself links.
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wl,-Bsymbolic"]
 _loaded: dict = {}  # "ok" -> whether the library is loaded (a failure is warned once)
 
 
@@ -31,7 +35,7 @@ def library_path() -> Path:
     source, the MXNet build and the Python version (a stale build is never loaded)."""
     import mxnet
     key = hashlib.sha256(SOURCE.read_bytes() + f"{mxnet.__version__} {_mxnet_dir()} "
-                         f"{sys.version_info[:2]}".encode()).hexdigest()[:16]
+                         f"{sys.version_info[:2]} {FLAGS}".encode()).hexdigest()[:16]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "distbn" / "ops" / key / "libdistbn_ops.so"
 
@@ -43,10 +47,7 @@ def build(dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=dest.parent)
     os.close(fd)
-    # -Bsymbolic: the library binds to its own copies of lib_api.h's inline functions; loaded
-    # next to Horovod's MXNet extension it otherwise picked up foreign ones and crashed.
-    cmd = [os.environ.get("CXX", "g++"), "-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
-           "-Wl,-Bsymbolic", f"-I{mx_dir / 'include'}", str(SOURCE),
+    cmd = [os.environ.get("CXX", "g++"), *FLAGS, f"-I{mx_dir / 'include'}", str(SOURCE),
            str(mx_dir / "src" / "lib_api.cc"), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -96,8 +96,8 @@ log "installing Horovod from $wheel_dir"
 log "installing distbn (editable) with extras [$EXTRAS]"
 "${pip[@]}" install -q -e ".[${EXTRAS}]"
 
-log "building distbn's C++ batch-norm operator (distbn/csrc) against the installed MXNet"
-"$VENV/bin/python" -W ignore -c 'from distbn import native; print(native.load() and native.library_path())' ||
+log "building distbn's C++ batch-norm operators (distbn/csrc) against the installed MXNet"
+"$VENV/bin/python" -W ignore -c 'from distbn import native; native.load(); print(native.library_path())' ||
   die "could not build distbn/csrc/batch_norm.cc (needs g++; see the message above)"
 verify || die "verification failed: Horovod cannot run with MXNet in $VENV"
 echo "$stamp" > "$stamp_file"

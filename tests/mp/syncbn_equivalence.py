@@ -19,14 +19,16 @@ from distbn.comm import get_comm
 RTOL = 1e-5
 
 
-def build(bn_factory, ndim, channels, seed):
-    net = gluon.nn.Sequential()
+def build(bn_factory, ndim, channels, seed, hybridize=False):
+    net = gluon.nn.HybridSequential()
     # A learnable layer before BN so input gradients flow into trained weights; one after so
     # the loss mixes channels.
     net.add(gluon.nn.Conv2D(channels, 3, padding=1) if ndim == 4 else gluon.nn.Dense(channels),
             bn_factory(), gluon.nn.Activation("sigmoid"), gluon.nn.Dense(5))
     mx.random.seed(seed)
     net.initialize(mx.init.Xavier())
+    if hybridize:
+        net.hybridize(static_alloc=True)
     return net
 
 
@@ -56,6 +58,7 @@ def main():
     ap.add_argument("--sizes", default="", help="per-rank batch sizes, comma-separated")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--mean", type=float, default=0.5)
+    ap.add_argument("--hybridize", action="store_true", help="compile the network, BN included")
     ap.add_argument("--layer", choices=["sync", "local"], default="sync",
                     help="local: distbn.BatchNorm, a negative control that must FAIL at size > 1")
     args = ap.parse_args()
@@ -70,7 +73,7 @@ def main():
     bn_dims = args.ndim
     ref = build(lambda: gluon.nn.BatchNorm(in_channels=channels), args.ndim, channels, seed=1)
     layer = distbn.SyncBatchNorm if args.layer == "sync" else distbn.BatchNorm
-    net = build(lambda: layer(channels, bn_dims), args.ndim, channels, seed=2)
+    net = build(lambda: layer(channels, bn_dims), args.ndim, channels, seed=2, hybridize=args.hybridize)
     shape_in = (total, in_ch, 6, 6) if args.ndim == 4 else (total, 10)
     rs = np.random.RandomState(123)
     x0 = rs.rand(*shape_in).astype(np.float32)
@@ -121,7 +124,8 @@ def main():
     if comm.collectives != before:
         print("MISMATCH: prediction mode issued a collective", flush=True)
         ok = False
-    print(f"rank {rank}/{size} sizes={sizes} ndim={args.ndim}: {'OK' if ok else 'FAILED'}", flush=True)
+    print(f"rank {rank}/{size} sizes={sizes} ndim={args.ndim} hybridized={args.hybridize}: "
+          f"{'OK' if ok else 'FAILED'}", flush=True)
     sys.exit(0 if ok else 1)
 
 

@@ -8,7 +8,9 @@ Layout of ``RUN_DIR/checkpoints``::
     latest                      the name of the newest complete checkpoint
 
 A checkpoint is written into a temporary folder, flushed to disk, then renamed into place; only
-then is ``latest`` replaced (write a temporary file, rename over the old one).
+then is ``latest`` replaced (write a temporary file, rename over the old one). A write that
+fails (full disk, read-only mount) removes the temporary folder and raises
+:class:`distbn.storage.StorageError`; the checkpoints already there stay as they were.
 """
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
+
+from .storage import writing
 
 
 @dataclass(frozen=True)
@@ -49,32 +55,58 @@ def _fsync_file(path: Path) -> None:
 
 
 def save(ckpt_dir: Path, epoch: int, global_step: int, net, trainer, config: dict) -> Checkpoint:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    with writing(ckpt_dir):
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_dir.glob(".tmp-*"):  # left by a save that crashed (one writer: rank 0)
         shutil.rmtree(stale, ignore_errors=True)
     name = f"epoch-{epoch:04d}"
     tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
-    net.save_parameters(str(tmp / "model.params"))
-    trainer.save_states(str(tmp / "trainer.states"))
-    (tmp / "meta.json").write_text(json.dumps(
-        {"epoch": epoch, "global_step": global_step, "config": config}, indent=1))
-    for f in tmp.iterdir():
-        _fsync_file(f)
+    try:
+        _write_files(tmp, epoch, global_step, net, trainer, config)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = ckpt_dir / name
-    if final.exists():  # the same epoch again (a resumed run): move the old one aside first
-        old = ckpt_dir / f".old-{name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    with writing(final):
+        if final.exists():  # the same epoch again (a resumed run): move the old one aside first
+            old = ckpt_dir / f".old-{name}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
     latest_tmp = ckpt_dir / f".latest-{os.getpid()}"
-    latest_tmp.write_text(name + "\n")
-    _fsync_file(latest_tmp)
-    os.replace(latest_tmp, ckpt_dir / "latest")
-    _fsync_dir(ckpt_dir)
+    with writing(ckpt_dir / "latest"):
+        try:
+            latest_tmp.write_text(name + "\n")
+            _fsync_file(latest_tmp)
+            os.replace(latest_tmp, ckpt_dir / "latest")
+        finally:
+            if latest_tmp.exists():
+                latest_tmp.unlink()
+        _fsync_dir(ckpt_dir)
     return Checkpoint(final, epoch, global_step)
+
+
+def _write_files(tmp: Path, epoch: int, global_step: int, net, trainer, config: dict) -> None:
+    with writing(tmp):
+        tmp.mkdir()
+    with writing(tmp / "model.params"):
+        net.save_parameters(str(tmp / "model.params"))
+    with writing(tmp / "trainer.states"):
+        trainer.save_states(str(tmp / "trainer.states"))
+    with writing(tmp / "meta.json"):
+        (tmp / "meta.json").write_text(json.dumps(
+            {"epoch": epoch, "global_step": global_step, "config": config}, indent=1))
+        for f in tmp.iterdir():
+            _fsync_file(f)
+
+
+def size_estimate(net, trainer_states: int) -> int:
+    """Bytes of one checkpoint: the parameters, ``trainer_states`` optimizer arrays of the
+    same size (1 for SGD with momentum, 0 without), and room for the small files."""
+    params = sum(p.data().size * np.dtype(p.dtype).itemsize for p in net.collect_params().values())
+    return params * (1 + trainer_states) + (1 << 16)
 
 
 def _read(path: Path) -> Optional[Checkpoint]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
 
-from . import checkpoint
+from . import checkpoint, storage
 from .models import bn_layers
 
 
@@ -43,6 +44,12 @@ class NullRunLog:
     def save_checkpoint(self, epoch: int, global_step: int, net, trainer, config: dict) -> None:
         pass
 
+    def forget_epochs_after(self, epoch: int) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass
+
     def summary(self, summary: dict) -> None:
         pass
 
@@ -54,16 +61,45 @@ class RunLog(NullRunLog):
     """Rank 0's log of a run, in ``run_dir``."""
 
     def __init__(self, run_dir: Path, config_yaml: str, config: dict, show_progress: bool,
-                 histograms: bool):
+                 histograms: bool, checkpoint_bytes: int):
         from tensorboardX import SummaryWriter
 
         self.run_dir = run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
-        self._metrics = open(run_dir / "metrics.jsonl", "a")
-        self._tb = SummaryWriter(logdir=str(run_dir), flush_secs=10)
-        self._tb.add_text("config", "```\n" + config_yaml + "\n```", 0)
+        # Found before the first step: a folder that cannot be made or written, or a disk
+        # that cannot hold one checkpoint.
+        storage.prepare_dir(run_dir, checkpoint_bytes)
+        storage.write_text(run_dir / "config.yaml", config_yaml)
+        self._tb_failure: Optional[OSError] = None
+        self._watch_tensorboard_thread()
+        with storage.writing(run_dir):
+            # A long queue: events are checked for a dead writer thread before each one is
+            # queued (see _add), and a put must never block on a queue nobody drains.
+            self._tb = SummaryWriter(logdir=str(run_dir), flush_secs=10, max_queue=1000)
+        self._add("add_text", "config", "```\n" + config_yaml + "\n```", 0)
         self._show_progress, self._histograms = show_progress, histograms
+
+    def _watch_tensorboard_thread(self) -> None:
+        """tensorboardX writes event files from a thread of its own: a failed write (full
+        disk) kills that thread with a traceback, and later events would queue up behind it
+        forever. Keep the failure instead, for the next call to report as a StorageError."""
+        previous = threading.excepthook
+
+        def hook(args):
+            if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_EventLoggerThread":
+                self._tb_failure = args.exc_value
+            else:
+                previous(args)
+        threading.excepthook = hook
+
+    def _check_tensorboard(self) -> None:
+        if self._tb_failure is not None:
+            events = sorted(self.run_dir.glob("events.out.tfevents.*")) or [self.run_dir]
+            raise storage.StorageError(events[-1], self._tb_failure.strerror or str(self._tb_failure))
+
+    def _add(self, method: str, *args) -> None:
+        """One TensorBoard event, unless the writer thread has died (then a StorageError)."""
+        self._check_tensorboard()
+        getattr(self._tb, method)(*args)
 
     def info(self, msg: str) -> None:
         print(f"[distbn] {msg}", file=sys.stderr, flush=True)
@@ -76,20 +112,22 @@ class RunLog(NullRunLog):
                     leave=False)
 
     def step(self, global_step: int, loss: float, lr: float) -> None:
-        self._tb.add_scalar("step/loss", loss, global_step)
-        self._tb.add_scalar("step/lr", lr, global_step)
+        self._add("add_scalar", "step/loss", loss, global_step)
+        self._add("add_scalar", "step/lr", lr, global_step)
 
     def epoch(self, metrics: dict, net) -> None:
-        self._metrics.write(json.dumps(metrics) + "\n")
-        self._metrics.flush()
+        self._check_tensorboard()
+        storage.append_line(self.run_dir / "metrics.jsonl", json.dumps(metrics))
         e = metrics["epoch"]
         for key in ("train_loss", "train_acc", "test_acc", "epoch_seconds", "examples_per_second"):
-            self._tb.add_scalar(f"epoch/{key}", metrics[key], e)
+            self._add("add_scalar", f"epoch/{key}", metrics[key], e)
         if self._histograms:
             for i, layer in enumerate(bn_layers(net)):
                 for tag, param in _bn_params(layer):
-                    self._tb.add_histogram(f"bn{i}/{tag}", param.data().asnumpy().ravel(), e)
-        self._tb.flush()
+                    self._add("add_histogram", f"bn{i}/{tag}", param.data().asnumpy().ravel(), e)
+        with storage.writing(self.run_dir / "events.out.tfevents.*"):
+            self._tb.flush()
+        self._check_tensorboard()
         self.info(f"epoch {e}: loss {metrics['train_loss']:.4f}, train acc "
                   f"{metrics['train_acc']:.3f}, test acc {metrics['test_acc']:.3f}, "
                   f"{metrics['epoch_seconds']:.1f} s, {metrics['examples_per_second']:.0f} ex/s")
@@ -99,12 +137,32 @@ class RunLog(NullRunLog):
         ckpt = checkpoint.save(self.run_dir / "checkpoints", epoch, global_step, net, trainer, config)
         self.info(f"checkpoint {ckpt.path} ({time.perf_counter() - t:.2f} s)")
 
+    def forget_epochs_after(self, epoch: int) -> None:
+        """Drops metrics.jsonl records past ``epoch`` (a run that stopped after recording an
+        epoch but before its checkpoint completed repeats that epoch when resumed)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["epoch"] <= epoch]
+        if len(kept) != len(lines):
+            storage.write_text(path, "".join(line + "\n" for line in kept))
+
     def summary(self, summary: dict) -> None:
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        storage.write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
 
     def close(self) -> None:
         self._tb.close()
-        self._metrics.close()
+
+    def abandon(self) -> None:
+        """After a storage failure: close what can be closed, and keep tensorboardX from
+        retrying its flush at exit (which would fail again, with a traceback)."""
+        try:
+            self._tb.close()
+        except OSError:
+            for writer in [self._tb.file_writer, *(self._tb.all_writers or {}).values()]:
+                if writer is not None:
+                    writer.event_writer._closed = True
 
 
 def _bn_params(layer):
@@ -113,7 +171,7 @@ def _bn_params(layer):
 
 
 def open_run_log(is_root: bool, run_dir: Path, config_yaml: str, config: dict,
-                 show_progress: bool, histograms: bool):
+                 show_progress: bool, histograms: bool, checkpoint_bytes: int):
     if not is_root:
         return NullRunLog()
-    return RunLog(run_dir, config_yaml, config, show_progress, histograms)
+    return RunLog(run_dir, config_yaml, config, show_progress, histograms, checkpoint_bytes)

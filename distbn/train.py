@@ -43,6 +43,9 @@ def parse_args(argv=None):
     ap.add_argument("--run-dir", help="run directory (default: log.dir/NAME-TIMESTAMP)")
     ap.add_argument("--resume", action="store_true",
                     help="continue from the newest complete checkpoint of --run-dir")
+    ap.add_argument("--check", action="store_true",
+                    help="check the config and the run directory (with room for a checkpoint), "
+                         "then exit without training (the launch scripts run this first)")
     return ap.parse_args(argv)
 
 
@@ -239,6 +242,7 @@ def resume_point(comm, run_dir: Path, net, trainer, log, lr: float):
     if ckpt is None:
         log.info(f"no checkpoint in {run_dir}/checkpoints: starting from epoch 1")
         return 1, 0
+    log.forget_epochs_after(ckpt.epoch)  # records of epochs whose checkpoint never completed
     net.load_parameters(str(ckpt.params), ctx=net.collect_params().list_ctx())
     trainer.load_states(str(ckpt.states))
     trainer.set_learning_rate(lr)  # the saved optimizer carries the old one; the config wins
@@ -246,10 +250,26 @@ def resume_point(comm, run_dir: Path, net, trainer, log, lr: float):
     return ckpt.epoch + 1, ckpt.global_step
 
 
+def checkpoint_bytes(cfg: Config, net) -> int:
+    from .checkpoint import size_estimate
+    return size_estimate(net, trainer_states=1 if cfg.train.momentum else 0)
+
+
+def check(cfg: Config, run_dir: Path) -> None:
+    """``--check``: what a launch script verifies in one process before starting workers:
+    the config (already loaded), the data, the network, and the run directory (made and
+    probed; when the command names none, the log folder), with room for one checkpoint."""
+    from .storage import prepare_dir
+
+    import mxnet as mx
+    load_data(cfg)
+    prepare_dir(run_dir, checkpoint_bytes(cfg, build_model(cfg, mx.cpu())))
+
+
 def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     from .comm import get_comm
-    from .models import bn_layers
     from .runlog import open_run_log
+    from .storage import StorageError
     from .watchdog import Watchdog
 
     comm = get_comm()
@@ -264,11 +284,23 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     ctx = device(comm)
     np.random.seed(cfg.train.seed + comm.rank)
     net = build_model(cfg, ctx)
+    # Rank 0 makes and checks the run directory before the first collective: if it cannot,
+    # it stops, and the others stop with it at that collective.
+    log = open_run_log(comm.rank == 0, run_dir, dump_config(cfg), cfg.to_dict(),
+                       cfg.log.progress, cfg.log.histograms, checkpoint_bytes(cfg, net))
     comm.broadcast_parameters(net.collect_params(), prefix="distbn.init")
     opt = {"learning_rate": cfg.train.lr, "momentum": cfg.train.momentum}
     trainer = comm.trainer(net.collect_params(), "sgd", opt)
-    log = open_run_log(comm.rank == 0, run_dir, dump_config(cfg), cfg.to_dict(),
-                       cfg.log.progress, cfg.log.histograms)
+    try:
+        return _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog)
+    except StorageError:
+        log.abandon()
+        raise
+
+
+def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -> dict:
+    from .models import bn_layers
+
     start, global_step = resume_point(comm, run_dir, net, trainer, log, cfg.train.lr) if resume else (1, 0)
     comm.broadcast_parameters(net.collect_params(), prefix="distbn.resume")
     log.info(f"{cfg.name}: {cfg.model.arch}, {comm.size} worker(s) on {ctx}, bn={cfg.model.bn}, "
@@ -318,17 +350,35 @@ def main(argv=None) -> int:
     except ConfigError as e:
         fail(str(e))
     from .data import DataError
+    from .storage import StorageError
 
     try:
-        run(cfg, run_dir, args.resume)
+        if args.check:
+            check(cfg, run_dir if args.run_dir else Path(cfg.log.dir))
+        else:
+            run(cfg, run_dir, args.resume)
     except (ConfigError, DataError) as e:
         fail(str(e))
+    except StorageError as e:
+        if os.environ.get("DISTBN_TRACEBACK") == "1":
+            raise
+        fail(f"{e}; the last complete checkpoint is {_last_checkpoint(run_dir)}", code=4,
+             is_root=True)  # only the writer (rank 0) meets storage errors
     except FloatingPointError as e:
         fail(str(e), code=3)
     except KeyboardInterrupt:
         fail("interrupted; the last complete checkpoint is kept (--resume continues from it)",
              code=130)
     return 0
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    from .checkpoint import latest
+    try:
+        found = latest(run_dir / "checkpoints")
+    except OSError:
+        found = None
+    return str(found.path) if found else "none"
 
 
 if __name__ == "__main__":

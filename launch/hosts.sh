@@ -17,6 +17,9 @@ export DISTBN_LOCAL_WORKERS=${slots:-1}
 . "$here/launch/env.sh"
 iface=()
 [ -n "${IFACE:-}" ] && iface=(--network-interface "$IFACE")
+# Config and run directory checked here first (this host must see the run directory, as rank
+# 0 does): a bad one prints its one line without horovodrun's own traceback after it.
+"$venv/bin/python" -m distbn.train --config "$config" "$@" --check
 exec "$venv/bin/horovodrun" -np "$np" --hostfile "$hostfile" "${iface[@]}" \
   -x OMP_NUM_THREADS -x HOROVOD_CYCLE_TIME \
   -x PYTHONWARNINGS -x DISTBN_DATA_DIR \

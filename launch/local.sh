@@ -16,5 +16,8 @@ export DISTBN_LOCAL_WORKERS=$NP
 if [ "$NP" -eq 1 ]; then
   exec "$venv/bin/python" -m distbn.train --config "$config" "$@"
 fi
+# Config and run directory checked in one process first: a bad one prints its one line
+# without horovodrun's own traceback after it.
+"$venv/bin/python" -m distbn.train --config "$config" "$@" --check
 exec "$venv/bin/horovodrun" -np "$NP" -H "localhost:$NP" \
   "$venv/bin/python" -m distbn.train --config "$config" "$@"

@@ -128,6 +128,7 @@ def test_non_finite_training_stops_every_worker_and_keeps_the_checkpoint(tmp_pat
 
 def test_crash_during_checkpoint_save_keeps_the_previous_one(tmp_path):
     from distbn import checkpoint, models
+    from distbn.storage import StorageError
 
     net = models.lenet("sync")
     net.initialize()
@@ -137,18 +138,19 @@ def test_crash_during_checkpoint_save_keeps_the_previous_one(tmp_path):
     before = digest(folder / "epoch-0001")
 
     def crash(path):
-        raise OSError("disk full (injected)")
-    trainer.save_states = crash  # model.params is written, then the save dies
-    with pytest.raises(OSError, match="injected"):
+        raise OSError(28, "disk full (injected)")
+    trainer.save_states = crash  # model.params is written, then the save fails
+    with pytest.raises(StorageError, match=r"trainer.states: disk full \(injected\)"):
         checkpoint.save(folder, 2, 20, net, trainer, {"name": "x"})
     found = checkpoint.latest(folder)
     assert found.epoch == 1 and digest(found.path) == before
     assert not (folder / "epoch-0002").exists()
     net.load_parameters(str(found.params))  # loadable
-    assert list(folder.glob(".tmp-*"))  # the crashed save's leftovers ...
+    assert not list(folder.glob(".tmp-*"))  # the failed save removed its partial folder
+    (folder / ".tmp-epoch-0002-999").mkdir()  # what a save killed mid-way leaves behind ...
     del trainer.save_states
     checkpoint.save(folder, 2, 20, net, trainer, {"name": "x"})
-    assert not list(folder.glob(".tmp-*"))  # ... are swept by the next save
+    assert not list(folder.glob(".tmp-*"))  # ... is swept by the next save
     assert checkpoint.latest(folder).epoch == 2
 
 

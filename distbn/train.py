@@ -28,10 +28,23 @@ def _is_root_before_init() -> bool:
     return os.environ.get("HOROVOD_RANK", "0") == "0"
 
 
-def fail(msg: str, code: int = 2, is_root: Optional[bool] = None) -> None:
-    """Exit with ``code``; the message is printed once for the job, by rank 0."""
+# How long a worker other than rank 0 waits, after a config or data error that every worker
+# meets, for horovodrun to end the job. horovodrun kills all workers when the first one exits:
+# had rank 1 exited at once, rank 0 was seen killed before it printed the error (2 CI runs
+# in 5). Rank 0 exits within a second, so the wait ends long before this; it is only the
+# bound for a worker whose rank 0 did not fail.
+_REPORT_GRACE_SECONDS = 30.0
+
+
+def fail(msg: str, code: int = 2, is_root: Optional[bool] = None, shared: bool = False) -> None:
+    """Exit with ``code``; the message is printed once for the job, by rank 0.
+
+    ``shared``: an error every worker meets alike (config, data), found before Horovod
+    starts; the other workers leave the exit to rank 0 (see _REPORT_GRACE_SECONDS)."""
     if _is_root_before_init() if is_root is None else is_root:
         print(f"distbn.train: error: {msg}", file=sys.stderr, flush=True)
+    elif shared:
+        time.sleep(_REPORT_GRACE_SECONDS)
     sys.exit(code)
 
 
@@ -348,7 +361,7 @@ def main(argv=None) -> int:
     try:
         cfg, run_dir = resolve_config(args)
     except ConfigError as e:
-        fail(str(e))
+        fail(str(e), shared=True)
     from .data import DataError
     from .storage import StorageError
 
@@ -358,7 +371,7 @@ def main(argv=None) -> int:
         else:
             run(cfg, run_dir, args.resume)
     except (ConfigError, DataError) as e:
-        fail(str(e))
+        fail(str(e), shared=True)
     except StorageError as e:
         if os.environ.get("DISTBN_TRACEBACK") == "1":
             raise

@@ -22,7 +22,7 @@ import mxnet as mx
 from mxnet import autograd, gluon, nd
 
 from distbn.comm import get_comm
-from distbn.models import build
+from distbn.models import build, finish_shapes
 
 DEFAULT_BATCH = {"lenet": 256, "resnet18_v1": 64}
 
@@ -32,9 +32,7 @@ def make(arch, bn, comm, batch):
     net = build(arch, bn)
     net.initialize(mx.init.Xavier())
     net.hybridize(static_alloc=True, static_shape=True)
-    net.infer_shape(nd.zeros((batch, 1, 28, 28)))  # model-zoo shapes are deferred
-    for p in net.collect_params().values():
-        p._finish_deferred_init()
+    finish_shapes(net, nd.zeros((batch, 1, 28, 28)))  # model-zoo shapes are deferred
     comm.broadcast_parameters(net.collect_params(), prefix=f"bench.{arch}.{bn}")
     opt = {"learning_rate": 0.01, "momentum": 0.9}
     return net, comm.trainer(net.collect_params(), "sgd", opt)

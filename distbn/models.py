@@ -32,13 +32,24 @@ def build(arch: str = "lenet", bn: str = "sync") -> gluon.HybridBlock:
         raise ValueError(f"model.bn must be one of {', '.join(BN_CHOICES)}, got {bn!r}")
     if arch == "lenet":
         return lenet(bn)
-    if not known_arch(arch):
-        raise ValueError(f"model.arch must be lenet or a model-zoo vision name (e.g. "
-                         f"resnet18_v1), got {arch!r}")
     if bn == "none":
         raise ValueError("model.bn=none is for lenet only: model-zoo networks keep their BN layers")
-    net = vision.get_model(arch, classes=10)
+    try:
+        net = vision.get_model(arch, classes=10)
+    except ValueError:
+        raise ValueError(f"model.arch must be lenet or a model-zoo vision name (e.g. "
+                         f"resnet18_v1), got {arch!r}") from None
     return net if bn == "gluon" else convert_batchnorm(net, _BN_CLASSES[bn])
+
+
+def finish_shapes(net: gluon.HybridBlock, x) -> None:
+    """Initialize parameters whose shapes wait for the first input (model-zoo networks), by
+    shape inference on ``x`` rather than a pass: a prediction pass leaves oneDNN's blocked
+    layout in convolution weights, which Horovod's broadcast cannot read, and a training pass
+    would move the running statistics. ``net`` must be initialized already."""
+    net.infer_shape(x)
+    for p in net.collect_params().values():
+        p._finish_deferred_init()
 
 
 def lenet(bn: str = "sync") -> gluon.nn.HybridSequential:

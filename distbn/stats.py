@@ -66,7 +66,8 @@ def normalize(F, x, G, probe, gamma, beta, running_mean, running_var, *, eps: fl
     ``running = momentum * running + (1 - momentum) * batch`` (biased variance).
 
     ``local`` says that ``G`` is this worker's own ``L``: the C++ operator then computes the
-    whole input gradient itself (the caller stops the gradient at ``L``)."""
+    whole input gradient itself (the caller stops the gradient at the statistics' input, so
+    that MXNet runs no statistics backward)."""
     if native:
         return F.distbn_bn_apply(x, G, probe, gamma, beta, running_mean, running_var, eps=eps,
                                  momentum=momentum, fix_gamma=fix_gamma, local=local)

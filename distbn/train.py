@@ -129,24 +129,18 @@ def build_model(cfg: Config, ctx):
     """The configured network, initialized (every shape known, so rank 0's values can be
     broadcast) and hybridized when asked."""
     import mxnet as mx
-    from .models import build
+    from .models import build, finish_shapes
 
     mx.random.seed(cfg.train.seed)  # identical everywhere; rank 0's values are broadcast anyway
     net = build(cfg.model.arch, cfg.model.bn)
     net.initialize(mx.init.Xavier(), ctx=ctx)
     if cfg.model.hybridize:
         net.hybridize(static_alloc=True)
-    # Model-zoo networks defer their shapes to the first input. Infer them from the graph and
-    # initialize, rather than run a pass: a prediction pass leaves oneDNN's blocked layout in
-    # convolution weights, which Horovod's broadcast cannot read, and a training pass would
-    # move the running statistics.
     try:
-        net.infer_shape(mx.nd.zeros((1, 1, 28, 28), ctx=ctx))
+        finish_shapes(net, mx.nd.zeros((1, 1, 28, 28), ctx=ctx))
     except (mx.base.MXNetError, ValueError) as e:
         raise ConfigError(f"model.arch {cfg.model.arch} does not take 1x28x28 input: "
                           f"{str(e).splitlines()[0]}") from None
-    for p in net.collect_params().values():
-        p._finish_deferred_init()
     return net
 
 

@@ -9,7 +9,9 @@ with static_alloc and static_shape as users would, and trained on random 1x28x28
 (timing only). The kinds take turns: each round runs --steps steps of every kind, waited for
 step by step (forward, backward, trainer step), so a drifting machine load hits all alike.
 Reported: median step time over all rounds per kind, the ratio of medians to Gluon's, and the
-median of the per-round ratios, rank 0's clock. A step ends when every worker's gradients are
+median of the per-round ratios, rank 0's clock; with several workers, the mean time per step
+rank 0 spent inside the sync layers' collectives (mesh_ms) and, of it, blocked waiting for the
+other workers' messages (mesh_wait_ms). A step ends when every worker's gradients are
 all-reduced, so rank 0's time is the job's.
 """
 import argparse
@@ -21,6 +23,7 @@ import numpy as np
 import mxnet as mx
 from mxnet import autograd, gluon, nd
 
+from distbn import mesh
 from distbn.comm import get_comm
 from distbn.models import build, finish_shapes
 
@@ -36,6 +39,11 @@ def make(arch, bn, comm, batch):
     comm.broadcast_parameters(net.collect_params(), prefix=f"bench.{arch}.{bn}")
     opt = {"learning_rate": 0.01, "momentum": 0.9}
     return net, comm.trainer(net.collect_params(), "sgd", opt)
+
+
+def mesh_seconds(comm):
+    """(inside, waiting) seconds of the sync layers' mesh so far; zeros without a mesh."""
+    return mesh.times() if comm.mesh else (0.0, 0.0)
 
 
 def run_steps(net, trainer, x, y, n):
@@ -61,10 +69,14 @@ def bench(arch, kinds, comm, global_batch, rounds, steps, warmup):
         run_steps(*nets[k], x, y, warmup)
     samples = {k: [] for k in kinds}
     per_round = {k: [] for k in kinds}
+    in_mesh = {k: [0.0, 0.0] for k in kinds}  # seconds inside mesh collectives, waiting there
     for _ in range(rounds):
         med = {}
         for k in kinds:
+            before = mesh_seconds(comm)
             t = run_steps(*nets[k], x, y, steps)
+            after = mesh_seconds(comm)
+            in_mesh[k] = [s + a - b for s, a, b in zip(in_mesh[k], after, before)]
             samples[k] += t
             med[k] = statistics.median(t)
         for k in kinds:
@@ -75,7 +87,11 @@ def bench(arch, kinds, comm, global_batch, rounds, steps, warmup):
             **{f"{k}_ms": round(ms[k], 2) for k in kinds},
             **{f"{k}_vs_{kinds[0]}": round(ms[k] / ms[kinds[0]], 3) for k in kinds[1:]},
             **{f"{k}_vs_{kinds[0]}_round_median": round(statistics.median(per_round[k]), 3)
-               for k in kinds[1:]}}
+               for k in kinds[1:]},
+            **{f"{k}_mesh_ms": round(in_mesh[k][0] * 1e3 / (rounds * steps), 2)
+               for k in kinds if comm.mesh},
+            **{f"{k}_mesh_wait_ms": round(in_mesh[k][1] * 1e3 / (rounds * steps), 2)
+               for k in kinds if comm.mesh}}
 
 
 def main():

@@ -15,6 +15,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from . import mesh as _mesh
+from .placement import pin_local_worker
+
 try:  # Horovod is optional: without it distbn runs as one process.
     import horovod.mxnet as _hvd
 except ImportError:  # pragma: no cover - exercised only on machines without Horovod
@@ -38,8 +41,10 @@ class Comm:
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
-    collectives: int = 0  # collectives issued so far (tests count them per step)
-    last_collective: str = ""  # name of the newest one (the stall guard reports it)
+    mesh: bool = False  # whether the sync layers' mesh is up (distbn.mesh; set by get_comm)
+    cores: list = field(default_factory=list)  # the cores this worker was pinned to ([]: not)
+    _issued_count: int = 0
+    _last_issued: str = ""
     _groups: dict = field(default_factory=dict, repr=False)  # ranks -> Group, made once each
 
     # --- collectives -------------------------------------------------------------------
@@ -112,10 +117,30 @@ class Comm:
             self._groups[ranks] = Group(ranks, handle=_hvd.add_process_set(list(ranks)))
         return self._groups[ranks]
 
+    def allgather_object(self, obj) -> list:
+        """Every worker's ``obj`` (picklable), in rank order."""
+        if self.size == 1:
+            return [obj]
+        self._issued("allgather_object")
+        return _hvd.allgather_object(obj, name="distbn.allgather_object")
+
+    @property
+    def collectives(self) -> int:
+        """Collectives issued so far, through Horovod and over the mesh (tests count them)."""
+        return self._issued_count + (_mesh.count() if self.mesh else 0)
+
+    @property
+    def last_collective(self) -> str:
+        """The newest collective's name (the stall guard reports it)."""
+        synced = _mesh.last() if self.mesh else ""
+        if not synced:
+            return self._last_issued
+        return f"{synced} (over the mesh; newest through Horovod: {self._last_issued or 'none'})"
+
     # --- helpers -----------------------------------------------------------------------
     def _issued(self, name: str) -> None:
-        self.collectives += 1
-        self.last_collective = name
+        self._issued_count += 1
+        self._last_issued = name
 
     def group_size(self, group: Optional[Group]) -> int:
         if group is None:
@@ -156,4 +181,18 @@ def get_comm() -> Comm:
             _hvd.init()
             _COMM = Comm(rank=_hvd.rank(), size=_hvd.size(),
                          local_rank=_hvd.local_rank(), local_size=_hvd.local_size())
+            _COMM.cores = pin_local_worker(_COMM.local_rank, _COMM.local_size)
+            _COMM.mesh = _connect_mesh(_COMM)
     return _COMM
+
+
+def _connect_mesh(comm: Comm) -> bool:
+    """Sets up the sync layers' mesh (:mod:`distbn.mesh`) when there are several workers and
+    every one has the C++ operators loaded. ``DISTBN_MESH=0`` (on any worker) keeps the sync
+    layers on Horovod."""
+    from . import native
+    if comm.size == 1:
+        return False
+    want = os.environ.get("DISTBN_MESH", "1") != "0" and native.available()
+    return _mesh.connect(comm.rank, comm.size, comm.local_size == comm.size,
+                         comm.allgather_object, want)

@@ -110,15 +110,15 @@ class BatchNorm(gluon.HybridBlock):
         sync = self._allreduce_key()
         if sync is not None:
             local = stats.local_stats(F, x3, self._native)
-            total = allreduce(F, local, *sync)
-        elif self._native:
+            probe = stats.mode_probe(F, local, running_mean, running_var)
+            total = allreduce(F, local, probe, *sync)
+        else:
             # The C++ operator differentiates through local statistics itself. The gradient is
             # stopped at the input of the statistics, not at their output: MXNet would still
             # run the statistics' backward (on zeros) and add its result to x's gradient.
-            local = total = stats.local_stats(F, F.BlockGrad(x3), self._native)
-        else:
-            local = total = stats.local_stats(F, x3, self._native)
-        probe = stats.mode_probe(F, local, running_mean, running_var)
+            local = total = stats.local_stats(F, F.BlockGrad(x3) if self._native else x3,
+                                              self._native)
+            probe = stats.mode_probe(F, local, running_mean, running_var)
         y3 = stats.normalize(F, x3, total, probe, gamma, beta, running_mean, running_var,
                              eps=self.epsilon, momentum=self.momentum, fix_gamma=self.fix_gamma,
                              local=sync is None, native=self._native)

@@ -1,7 +1,9 @@
-"""distbn's C++ batch-norm operators for the CPU (``csrc/batch_norm.cc``): built once with the
-system's C++ compiler against the installed MXNet, cached, and loaded through MXNet's
-extension API, after which ``F.distbn_bn_stats`` and ``F.distbn_bn_apply`` exist for both
-``mx.nd`` and ``mx.sym`` (so inside hybridized graphs). ``launch/install.sh`` builds them;
+"""distbn's C++ operators for the CPU (``csrc/``): the batch-norm math (``batch_norm.cc``) and
+the sync layer's all-reduce over a mesh of sockets (``allreduce.cc``, set up by
+:mod:`distbn.mesh`). Built once with the system's C++ compiler against the installed MXNet,
+cached, and loaded through MXNet's extension API, after which ``F.distbn_bn_stats``,
+``F.distbn_bn_apply`` and ``F.distbn_allreduce`` exist for both ``mx.nd`` and ``mx.sym`` (so
+inside hybridized graphs); :func:`clib` reaches the library's C functions. ``launch/install.sh`` builds them;
 otherwise the first use does (a few seconds).
 
 Where they cannot be had (no compiler, ``DISTBN_NATIVE=0``, or a machine with GPUs, for which
@@ -17,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "batch_norm.cc"
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("batch_norm.cc", "allreduce.cc")]
 # -Bsymbolic: the library binds to its own copies of lib_api.h's inline functions; loaded next
 # to Horovod's MXNet extension it otherwise picked up foreign ones and crashed. -fopenmp: the
 # system's libgomp, the OpenMP runtime MXNet itself links.
@@ -34,7 +36,7 @@ def library_path() -> Path:
     """Where the built library lives: the user cache, under a name that changes with the
     source, the MXNet build and the Python version (a stale build is never loaded)."""
     import mxnet
-    key = hashlib.sha256(SOURCE.read_bytes() + f"{mxnet.__version__} {_mxnet_dir()} "
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + f"{mxnet.__version__} {_mxnet_dir()} "
                          f"{sys.version_info[:2]} {FLAGS}".encode()).hexdigest()[:16]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "distbn" / "ops" / key / "libdistbn_ops.so"
@@ -47,7 +49,7 @@ def build(dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=dest.parent)
     os.close(fd)
-    cmd = [os.environ.get("CXX", "g++"), *FLAGS, f"-I{mx_dir / 'include'}", str(SOURCE),
+    cmd = [os.environ.get("CXX", "g++"), *FLAGS, f"-I{mx_dir / 'include'}", *map(str, SOURCES),
            str(mx_dir / "src" / "lib_api.cc"), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -67,6 +69,17 @@ def load() -> None:
     if not path.is_file():
         build(path)
     mx.library.load(str(path), verbose=False)
+    _loaded["path"] = path
+
+
+def clib():
+    """The loaded library for ctypes (the same copy MXNet loaded: dlopen shares it)."""
+    import ctypes
+    if not available():
+        raise RuntimeError("distbn's C++ operators are not loaded")
+    if "clib" not in _loaded:
+        _loaded["clib"] = ctypes.CDLL(str(_loaded["path"]))
+    return _loaded["clib"]
 
 
 def available() -> bool:

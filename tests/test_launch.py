@@ -21,7 +21,7 @@ def test_threads_are_cores_over_workers():
     cores = os.cpu_count()
     for workers in (1, 2, 4):
         threads, cycle, err = source_env(workers)
-        assert threads == max(1, cores // workers) and cycle == "0.1"
+        assert threads == max(1, cores // workers) and cycle == "5"
         assert "warning" not in err
 
 

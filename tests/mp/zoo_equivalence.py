@@ -161,7 +161,8 @@ def main():
     print(f"rank {rank}/{size} {args.arch} {args.layer} x{args.per_worker} ({n_bn} BN layers): "
           f"error/floor outputs {max(ratios[:n_out]):.3g}, parameters max "
           f"{max(ratios[n_out:]):.3g} median {np.median(ratios[n_out:]):.3g} L2 {l2:.3g} "
-          f"(largest floor {rel_floor:.2g} of scale); collectives/step {counts[0]}: "
+          f"(largest floor {rel_floor:.2g} of scale); collectives/step {counts[0]}"
+          f"{' via mesh' if comm and comm.mesh else ''}: "
           f"{'OK' if ok else 'FAILED'}", flush=True)
     sys.exit(0 if ok else 1)
 

@@ -19,6 +19,7 @@ train: install
 	@NP=$(NP) bash launch/local.sh $(CONFIG) $(ARGS)
 
 test: install
+	@bash tests/hosts/install.sh
 	@$(PY) -m pytest -q
 
 # Benchmarks (docs/results.md): the full set rewrites docs/data and docs/img (~20 min on 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import re
 import socket
 import struct
 
@@ -134,6 +135,13 @@ def last() -> str:
     buf = ctypes.create_string_buffer(256)
     native.clib().distbn_mesh_last(buf, len(buf))
     return buf.value.decode()
+
+
+def failure(exc: BaseException):
+    """The exchange's own message when ``exc`` (an MXNetError raised by a graph) came from a
+    failed mesh collective -- a lost or out-of-step worker -- else None."""
+    found = re.search(r"distbn all-reduce: ([^\n]*)", str(exc))
+    return found.group(1).strip() if found else None
 
 
 def allreduce(data, key: str, ranks: tuple = ()):

@@ -36,6 +36,9 @@ def _is_root_before_init() -> bool:
 _REPORT_GRACE_SECONDS = 30.0
 
 
+LOST_WORKER_EXIT_CODE = 6  # a sync layer's exchange lost another worker (distbn.mesh)
+
+
 def fail(msg: str, code: int = 2, is_root: Optional[bool] = None, shared: bool = False) -> None:
     """Exit with ``code``; the message is printed once for the job, by rank 0.
 
@@ -310,8 +313,9 @@ def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -
 
     start, global_step = resume_point(comm, run_dir, net, trainer, log, cfg.train.lr) if resume else (1, 0)
     comm.broadcast_parameters(net.collect_params(), prefix="distbn.resume")
-    log.info(f"{cfg.name}: {cfg.model.arch}, {comm.size} worker(s) on {ctx}, bn={cfg.model.bn}, "
-             f"global batch "
+    via = " over the mesh" if comm.mesh else " through Horovod" if comm.size > 1 else ""
+    log.info(f"{cfg.name}: {cfg.model.arch}, {comm.size} worker(s) on {ctx}, bn={cfg.model.bn}"
+             f"{via if cfg.model.bn == 'sync' else ''}, global batch "
              f"{cfg.train.batch_size} ({cfg.train.batch_size // comm.size} per worker), "
              f"{len(data.train_x)} training examples, run dir {run_dir}")
     last = None
@@ -373,6 +377,15 @@ def main(argv=None) -> int:
              is_root=True)  # only the writer (rank 0) meets storage errors
     except FloatingPointError as e:
         fail(str(e), code=3)
+    except Exception as e:  # noqa: BLE001 - only the mesh's own failures are turned into a line
+        from . import mesh
+        from .comm import get_comm
+        lost = mesh.failure(e)
+        if lost is None or os.environ.get("DISTBN_TRACEBACK") == "1":
+            raise
+        fail(f"rank {get_comm().rank}: {lost}; the last complete checkpoint is "
+             f"{_last_checkpoint(run_dir)} (--resume continues from it)", code=LOST_WORKER_EXIT_CODE,
+             is_root=True)  # every worker that meets it says so: the job ends at the first exit
     except KeyboardInterrupt:
         fail("interrupted; the last complete checkpoint is kept (--resume continues from it)",
              code=130)

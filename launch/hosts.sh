@@ -20,7 +20,6 @@ iface=()
 # Config and run directory checked here first (this host must see the run directory, as rank
 # 0 does): a bad one prints its one line without horovodrun's own traceback after it.
 "$venv/bin/python" -m distbn.train --config "$config" "$@" --check
+# horovodrun (Gloo) starts every worker with this shell's environment, the settings above included.
 exec "$venv/bin/horovodrun" -np "$np" --hostfile "$hostfile" "${iface[@]}" \
-  -x OMP_NUM_THREADS -x HOROVOD_CYCLE_TIME \
-  -x PYTHONWARNINGS -x DISTBN_DATA_DIR \
   "$venv/bin/python" -m distbn.train --config "$config" "$@"

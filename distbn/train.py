@@ -37,13 +37,22 @@ _REPORT_GRACE_SECONDS = 30.0
 
 
 LOST_WORKER_EXIT_CODE = 6  # a sync layer's exchange lost another worker (distbn.mesh)
+# A worker that lost another waits this long before it reports: horovodrun, which sees the
+# other worker's exit too, usually ends the job first (within a second here), and the other
+# worker's own message, if it left one, stays the job's only one.
+_LOST_GRACE_SECONDS = 5.0
 
 
-def fail(msg: str, code: int = 2, is_root: Optional[bool] = None, shared: bool = False) -> None:
+def fail(msg: str, code: int = 2, is_root: Optional[bool] = None, shared: bool = False,
+         after: float = 0.0) -> None:
     """Exit with ``code``; the message is printed once for the job, by rank 0.
 
     ``shared``: an error every worker meets alike (config, data), found before Horovod
-    starts; the other workers leave the exit to rank 0 (see _REPORT_GRACE_SECONDS)."""
+    starts; the other workers leave the exit to rank 0 (see _REPORT_GRACE_SECONDS).
+    ``after``: seconds to wait first, for an error that is the consequence of another
+    worker's exit: horovodrun ends the job at the first exit, so when that worker left with
+    its own message, this one is ended before it adds a second."""
+    time.sleep(after)
     if _is_root_before_init() if is_root is None else is_root:
         print(f"distbn.train: error: {msg}", file=sys.stderr, flush=True)
     elif shared:
@@ -385,7 +394,7 @@ def main(argv=None) -> int:
             raise
         fail(f"rank {get_comm().rank}: {lost}; the last complete checkpoint is "
              f"{_last_checkpoint(run_dir)} (--resume continues from it)", code=LOST_WORKER_EXIT_CODE,
-             is_root=True)  # every worker that meets it says so: the job ends at the first exit
+             is_root=True, after=_LOST_GRACE_SECONDS)
     except KeyboardInterrupt:
         fail("interrupted; the last complete checkpoint is kept (--resume continues from it)",
              code=130)

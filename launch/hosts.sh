@@ -17,6 +17,14 @@ export DISTBN_LOCAL_WORKERS=${slots:-1}
 . "$here/launch/env.sh"
 iface=()
 [ -n "${IFACE:-}" ] && iface=(--network-interface "$IFACE")
+# Horovod 0.28.1's Gloo binds its process-set contexts to the address of the host name, whatever
+# IFACE says: a name that resolves to loopback makes workers on other hosts fail to connect.
+addr=$(getent hosts "$(hostname)" | awk '{print $1; exit}')
+case "$addr" in
+  127.*|::1) echo "distbn: warning: this host's name $(hostname) resolves to $addr; workers on other" \
+                  "hosts will fail to connect to Horovod's Gloo here. Map the name to this host's" \
+                  "address on the shared network (/etc/hosts); see the README, 'Several hosts'" >&2 ;;
+esac
 # Config and run directory checked here first (this host must see the run directory, as rank
 # 0 does): a bad one prints its one line without horovodrun's own traceback after it.
 "$venv/bin/python" -m distbn.train --config "$config" "$@" --check

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# What the multi-host tests (tests/test_multihost.py) need from the system: iproute2's `ip` and
-# Debian's openssh-server (its sshd runs only inside the tests' network namespaces). Installed
+# What the multi-host tests (tests/test_multihost.py) need from the system: iproute2's `ip`,
+# Debian's openssh-server (its sshd runs only inside the tests' network namespaces) and a
+# SLURM (slurmctld, slurmd, slurm-client, munge: started by the test, inside them too). Installed
 # here as root with apt-get when missing; anywhere else this says why the tests will skip.
-# The package's own sshd service is never started: a policy-rc.d denies it during the install.
+# The packages' own services are never started: a policy-rc.d denies them during the install.
 set -euo pipefail
 need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+[ -x /usr/sbin/slurmctld ] || need+=(slurmctld)
+[ -x /usr/sbin/slurmd ] || need+=(slurmd)
+[ -x /usr/bin/sbatch ] || need+=(slurm-client)
+[ -x /usr/sbin/munged ] || need+=(munge)
+command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "tests/hosts/install.sh: missing ${need[*]} (needs root and apt-get): the multihost tests will skip" >&2

@@ -50,7 +50,23 @@ def _ip(*args, check=True):
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
 
-class Hosts:
+class Managed:
+    """A context manager that starts with ``_start`` and always ends with ``close``, also
+    when the start fails half-way."""
+
+    def __enter__(self):
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Hosts(Managed):
     def __init__(self, n: int, folder: Path):
         self.n, self.dir = n, Path(folder)
         self.tag = f"dbn{os.getpid() % 100000}"
@@ -61,21 +77,13 @@ class Hosts:
         self._sshd = []
 
     # --- building -----------------------------------------------------------------------
-    def __enter__(self):
-        try:
-            self._network()
-            self._keys()
-            for i in range(self.n):
-                self._start_sshd(i)
-            for i in range(self.n):
-                self._wait_ssh(i)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    def _start(self):
+        self._network()
+        self._keys()
+        for i in range(self.n):
+            self._start_sshd(i)
+        for i in range(self.n):
+            self._wait_ssh(i)
 
     def _network(self):
         _ip("netns", "add", self.switch)
@@ -93,13 +101,16 @@ class Hosts:
 
     def _hosts_file(self, i: int):
         """/etc/netns/<ns>/hosts, which `ip netns exec` mounts over /etc/hosts inside host i:
-        the machine's name resolves to host i's address there, as a cluster node's name does.
+        the machine's name resolves to host i's address there, as a cluster node's name does, and
+        every host's namespace name to its address (node names, for SLURM).
         Horovod 0.28.1 needs it: its process-set Gloo contexts (the global one included) ignore
         HOROVOD_GLOO_IFACE and bind to the address of the host name (127.0.1.1 on a stock
         Debian, unreachable from the other hosts)."""
         folder = Path("/etc/netns") / self.names[i]
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "hosts").write_text(f"127.0.0.1 localhost\n{self.addr[i]} {socket.gethostname()}\n")
+        others = "".join(f"{a} {n}\n" for a, n in zip(self.addr, self.names))  # node names
+        (folder / "hosts").write_text(f"127.0.0.1 localhost\n{self.addr[i]} {socket.gethostname()}\n"
+                                      f"{others}")
 
     def _keys(self):
         self.dir.mkdir(parents=True, exist_ok=True)

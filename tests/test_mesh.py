@@ -24,3 +24,10 @@ def test_mesh_sums_groups_and_refuses_out_of_step_workers(np_):
 def test_a_lost_worker_fails_the_next_collective_naming_it():
     _, out = horovodrun(3, [MP / "mesh.py", "--lose-rank", 1], timeout=120)
     assert out.count(": OK") == 2 and "rank 1/3" not in out, out
+
+
+@pytest.mark.multiproc
+def test_a_silent_worker_fails_the_collective_after_the_mesh_timeout():
+    _, out = horovodrun(3, [MP / "mesh.py", "--silent-rank", 2], timeout=120,
+                        env={"DISTBN_MESH_TIMEOUT": "2"})
+    assert out.count(": OK") == 3, out

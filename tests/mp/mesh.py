@@ -6,7 +6,8 @@ Sums (small and 8 MB, whose sends and receives must interleave), bitwise the sam
 every rank, a group of some ranks only, the collective count, and an out-of-step pair of
 workers, which must fail on both with both names rather than mix them. With --lose-rank R, rank
 R then exits without a word and every other rank's next collective must fail at once, naming
-rank R.
+rank R. With --silent-rank R and DISTBN_MESH_TIMEOUT=2, rank R skips a collective and the
+others' must fail after 2 s, naming rank R.
 """
 import argparse
 import hashlib
@@ -21,6 +22,7 @@ from distbn.comm import get_comm
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--lose-rank", type=int)
+ap.add_argument("--silent-rank", type=int, help="skips one collective (run with DISTBN_MESH_TIMEOUT=2)")
 args = ap.parse_args()
 comm = get_comm()
 assert comm.mesh, "the mesh is not up"
@@ -62,6 +64,19 @@ if n >= 2 and comm.rank < 2:  # ranks 0 and 1 disagree about which collective co
         check(f"out-of-step message: {msg}", "out of step" in msg and "layer0" in msg
               and "layer1" in msg)
 comm.allgather_object(None)  # everyone past the checks before anyone leaves
+
+if args.silent_rank is not None:  # a worker alive but silent: the others give up after the timeout
+    if comm.rank != args.silent_rank:
+        t = time.monotonic()
+        try:
+            mesh.allreduce(np.zeros(3), "silence")
+            check("silence detected", False)
+        except mesh.MeshError as e:
+            waited = time.monotonic() - t
+            check(f"silence message: {e}", f"no answer within 2 s from rank(s) {args.silent_rank}"
+                  in str(e) and "silence" in str(e))
+            check(f"silence detected after the timeout ({waited:.1f} s)", 1.5 < waited < 10)
+    comm.allgather_object(None)  # the silent one waits here for the others' verdicts
 
 if args.lose_rank is not None:
     if comm.rank == args.lose_rank:

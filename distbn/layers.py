@@ -108,17 +108,13 @@ class BatchNorm(gluon.HybridBlock):
         # at ResNet-18's 64x64x14x14 here); the reshape does it once.
         x3 = F.reshape(x, (0, 0, -1))
         sync = self._allreduce_key()
-        if sync is not None:
-            local = stats.local_stats(F, x3, self._native)
-            probe = stats.mode_probe(F, local, running_mean, running_var)
-            total = allreduce(F, local, probe, *sync)
-        else:
-            # The C++ operator differentiates through local statistics itself. The gradient is
-            # stopped at the input of the statistics, not at their output: MXNet would still
-            # run the statistics' backward (on zeros) and add its result to x's gradient.
-            local = total = stats.local_stats(F, F.BlockGrad(x3) if self._native else x3,
-                                              self._native)
-            probe = stats.mode_probe(F, local, running_mean, running_var)
+        # Local statistics with the C++ operator: it differentiates through them itself, so the
+        # gradient is stopped at their input, not at their output (MXNet would still run the
+        # statistics' backward, on zeros, and add its result to x's gradient).
+        stop = sync is None and self._native
+        local = stats.local_stats(F, F.BlockGrad(x3) if stop else x3, self._native)
+        probe = stats.mode_probe(F, local, running_mean, running_var)
+        total = local if sync is None else allreduce(F, local, probe, *sync)
         y3 = stats.normalize(F, x3, total, probe, gamma, beta, running_mean, running_var,
                              eps=self.epsilon, momentum=self.momentum, fix_gamma=self.fix_gamma,
                              local=sync is None, native=self._native)

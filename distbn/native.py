@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("batch_norm.cc", "allreduce.cc")]
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = [CSRC / name for name in ("batch_norm.cc", "allreduce.cc")]
 # -Bsymbolic: the library binds to its own copies of lib_api.h's inline functions; loaded next
 # to Horovod's MXNet extension it otherwise picked up foreign ones and crashed. -fopenmp: the
 # system's libgomp, the OpenMP runtime MXNet itself links.
@@ -36,7 +37,7 @@ def library_path() -> Path:
     """Where the built library lives: the user cache, under a name that changes with the
     source, the MXNet build and the Python version (a stale build is never loaded)."""
     import mxnet
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + f"{mxnet.__version__} {_mxnet_dir()} "
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in [*SOURCES, *sorted(CSRC.glob("*.h"))]) + f"{mxnet.__version__} {_mxnet_dir()} "
                          f"{sys.version_info[:2]} {FLAGS}".encode()).hexdigest()[:16]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "distbn" / "ops" / key / "libdistbn_ops.so"

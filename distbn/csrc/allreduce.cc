@@ -4,7 +4,7 @@
 //
 //   distbn_allreduce(data, probe) -> sum of data over the workers of `ranks` (all when "")
 //       attrs: key (the layer's name, identical on every worker), ranks ("0,2" or "")
-//       training (|probe[0]| < 2, see batch_norm.cc): one exchange in forward, one in backward
+//       training (the probe, mode.h): one exchange in forward, one in backward
 //       (the gradient of a sum over workers is the sum of their gradients); prediction: the
 //       data pass through, no exchange.
 //
@@ -44,6 +44,7 @@
 #include <string>
 #include <vector>
 #include "mxnet/lib_api.h"
+#include "mode.h"
 
 using namespace mxnet::ext;
 
@@ -241,8 +242,6 @@ std::string attr_str(const Attrs& a, const char* k) {
   auto it = a.find(k);
   return it == a.end() ? "" : it->second;
 }
-
-bool is_training(MXTensor& probe) { return std::fabs(probe.data<float>()[0]) < 2.f; }
 
 MXReturnValue reduce_or_copy(const Attrs& attrs, MXTensor& src, MXTensor& dst, bool training,
                              const char* phase) {

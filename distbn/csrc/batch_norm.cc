@@ -15,9 +15,7 @@
 // where MXNet's own kernel, summing raw float32 values one after another, loses it all.
 //
 // Training or prediction: extension operators are not told MXNet's is_train flag, so the layer
-// passes `probe`, the output of MXNet's BatchNorm on [-1e15, +1e15] per channel with the same
-// running statistics and momentum 1: about -1 in training (batch statistics), of magnitude
-// ~1e15 / sqrt(running_var) in prediction. |probe[0]| < 2 means training.
+// passes `probe` (mode.h says what it is and how it is read).
 //
 // Backward. With `local`, G is this worker's statistics and the whole exact gradient is
 // computed here: dx = g * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)). Otherwise the
@@ -33,6 +31,7 @@
 #include <utility>
 #include <vector>
 #include "mxnet/lib_api.h"
+#include "mode.h"
 
 using namespace mxnet::ext;
 
@@ -179,8 +178,6 @@ Channel channel_stats(const double* G, int64_t C, int64_t c, bool training,
   const double mean = G[1 + c] / G[0];
   return {mean, std::max(G[1 + C + c] / G[0] - mean * mean, 0.0)};
 }
-
-bool is_training(MXTensor& probe) { return std::fabs(probe.data<float>()[0]) < 2.f; }
 
 MXReturnValue apply_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                             std::vector<MXTensor>* out, const OpResource&) {

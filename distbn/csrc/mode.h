@@ -1,0 +1,11 @@
+// Training or prediction, for distbn's extension operators, which MXNet does not tell. The
+// layer passes `probe`: MXNet's BatchNorm of [-1e15, +1e15] per channel with the layer's
+// running statistics and momentum 1 (distbn/stats.py, mode_probe): about -1 in training
+// (batch statistics), of magnitude ~1e15 / sqrt(running_var) in prediction.
+#pragma once
+#include <cmath>
+#include "mxnet/lib_api.h"
+
+inline bool is_training(mxnet::ext::MXTensor& probe) {
+  return std::fabs(probe.data<float>()[0]) < 2.f;
+}

@@ -5,9 +5,11 @@
 
 Variants, measured side by side in one process (interleaved rounds, medians reported):
   gluon   gluon.nn.BatchNorm (MXNet's fused operator) -- the speed to beat
-  custom  distbn.BatchNorm (on the CPU: the C++ operators of distbn/csrc)
-  sync    distbn.SyncBatchNorm (at size 1 no collective; under horovodrun the real thing)
-  ops     distbn.BatchNorm built from MXNet's operators (GPUs, or no compiler)
+  custom  distbn.BatchNorm: this worker's statistics, MXNet's operator (as gluon)
+  sync    distbn.SyncBatchNorm: in one process MXNet's operator too (a group of one worker);
+          under horovodrun the synced graph with the C++ operators of distbn/csrc
+  ops     distbn.SyncBatchNorm built from MXNet's operators (GPUs, or no compiler): under
+          horovodrun the synced graph without the C++ operators; in one process as sync
 All but the book's block are hybridized (static_alloc, static_shape).
   book    distbn.batch_norm, the book's from-scratch NDArray formula, in the book's block
 Ratios are to gluon at the same shape. Under horovodrun, "wait" is the time the forward and
@@ -59,7 +61,7 @@ def make(kind, c, ndim):
     elif kind == "ops":  # the MXNet-operator graph: a layer takes its path when it is built
         saved = native._loaded["ok"]
         native._loaded["ok"] = False
-        layer = distbn.BatchNorm(c, ndim)
+        layer = distbn.SyncBatchNorm(c, ndim)
         native._loaded["ok"] = saved
     else:
         layer = (distbn.SyncBatchNorm if kind == "sync" else distbn.BatchNorm)(c, ndim)

@@ -69,6 +69,10 @@ class _Allreduce(mx.operator.CustomOp):
 
 @mx.operator.register(OP_TYPE)
 class _AllreduceProp(mx.operator.CustomOpProp):
+    # Backward needs only the incoming gradient, but declaring just that (Prop's
+    # declare_backward_dependency) makes MXNet hand the Python side placeholder inputs that
+    # it cannot wrap when run imperatively ("unknown storage type: -1"); the default keeps the
+    # packed statistics, a few hundred bytes, alive until backward.
     def __init__(self, key: str, ranks: str = ""):
         super().__init__(need_top_grad=True)
         self._key, self._ranks = key, ranks
@@ -84,9 +88,6 @@ class _AllreduceProp(mx.operator.CustomOpProp):
 
     def infer_type(self, in_type):
         return in_type, [in_type[0]], []
-
-    def declare_backward_dependency(self, out_grad, in_data, out_data):
-        return out_grad  # backward needs only the incoming gradient
 
     def create_operator(self, ctx, in_shapes, in_dtypes):
         return _Allreduce(self._key, self._ranks)

@@ -2,16 +2,19 @@
 (statistics of the global batch), drop-in ``HybridBlock``s for ``gluon.nn.BatchNorm`` and
 ``mx.gluon.contrib.nn.SyncBatchNorm``.
 
-Both build one graph, run imperatively or compiled with the rest of a hybridized network:
+Statistics of one worker's batch (``BatchNorm``; ``SyncBatchNorm`` in a group of one worker;
+``use_global_stats=True``) are MXNet's own fused BatchNorm operator, as in Gluon: same values,
+same speed (on the CPU it works in oneDNN's blocked layout, which distbn's operators cannot
+read; on GPUs it is cuDNN's). Statistics of several workers' batches are one graph, run
+imperatively or compiled with the rest of a hybridized network:
 
     probe = mode_probe(...)                  training or prediction, decided when it runs
     L = local_stats(x)                       (1 + 2C,) float64          [distbn.stats]
-    G = allreduce(L)                         SyncBatchNorm, several workers only [allreduce_op]
+    G = allreduce(L)                         one collective forward, one backward [allreduce_op]
     y = normalize(x, G, probe, gamma, beta, running_mean, running_var)      [distbn.stats]
 
 so a sync layer does one collective in forward and, through the all-reduce's gradient, one in
-backward per training step; none in prediction, none with one worker. With
-``use_global_stats=True`` the layer is MXNet's BatchNorm on the running statistics.
+backward per training step; none in prediction, none with one worker.
 
 Parameters are Gluon's (``gamma``, ``beta``, ``running_mean``, ``running_var``, shape (C,),
 channels taken from the first input when ``in_channels=0``), so a parameter file of a network
@@ -20,9 +23,9 @@ built with ``gluon.nn.BatchNorm`` loads into the same network built with these, 
 Conventions (MXNet's and the book's; PyTorch differs):
   * the running variance is updated with the *biased* batch variance;
   * ``running = momentum * running + (1 - momentum) * batch`` with momentum 0.9;
-  * the running statistics are updated in the forward pass (MXNet's CPU kernel does it in the
-    backward pass; after a training step they agree), from the global statistics, so they are
-    identical on every worker.
+  * synced statistics update the running ones in the forward pass, from the global
+    statistics, so they are identical on every worker; MXNet's operator (one worker's
+    statistics) does it in the backward pass. After a training step they agree.
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ from .comm import Group, get_comm
 
 
 class BatchNorm(gluon.HybridBlock):
-    """Batch norm over this worker's batch; Gluon's arguments, or the book's
-    ``BatchNorm(num_features, num_dims)``.
+    """Batch norm over this worker's batch (MXNet's BatchNorm operator, as Gluon's layer);
+    Gluon's arguments, or the book's ``BatchNorm(num_features, num_dims)``.
 
     ``in_channels`` (the book's ``num_features``; 0: from the first input) comes first, then
     ``num_dims`` (optional: 2 after a dense layer, 4 after a convolution; checked on
@@ -66,7 +69,8 @@ class BatchNorm(gluon.HybridBlock):
         self.momentum, self.epsilon, self.fuse_relu = float(momentum), float(epsilon), fuse_relu
         self.fix_gamma, self.use_global_stats = not scale, use_global_stats
         # Build or load the C++ operators now, not in the first step: loading a library makes
-        # MXNet rebuild its operator wrappers (~0.5 s measured here).
+        # MXNet rebuild its operator wrappers (~0.5 s measured here). Whether the layer syncs
+        # (and so uses them) is known only when its graph is traced.
         self._native = native.available()
         shape = (in_channels,)
 
@@ -84,7 +88,8 @@ class BatchNorm(gluon.HybridBlock):
         super().cast(dtype)
 
     def _allreduce_key(self) -> Optional[tuple]:
-        """(collective key, ranks) when the statistics are summed over workers, else None."""
+        """(collective key, ranks) when the statistics are summed over workers, else None
+        (this worker's statistics: MXNet's operator)."""
         return None
 
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
@@ -94,30 +99,26 @@ class BatchNorm(gluon.HybridBlock):
             if x.ndim < 2 or x.shape[1] != gamma.shape[0]:
                 raise ValueError(f"{self.name}: expected {gamma.shape[0]} channels on axis 1, "
                                  f"got shape {x.shape}")
-        if self.use_global_stats:  # frozen statistics: a per-channel affine map, as in Gluon
+        sync = None if self.use_global_stats else self._allreduce_key()
+        if sync is None:  # this worker's statistics (or frozen ones): MXNet's operator
             y = F.BatchNorm(x, gamma, beta, running_mean, running_var, eps=self.epsilon,
                             momentum=self.momentum, fix_gamma=self.fix_gamma,
-                            use_global_stats=True, axis=1)
+                            use_global_stats=self.use_global_stats, axis=1)
         else:
-            y = self._batch_norm(F, x, gamma, beta, running_mean, running_var)
+            y = self._synced(F, x, gamma, beta, running_mean, running_var, sync)
         return F.relu(y) if self.fuse_relu else y
 
-    def _batch_norm(self, F, x, gamma, beta, running_mean, running_var):
+    def _synced(self, F, x, gamma, beta, running_mean, running_var, sync):
         # (N, C, rest): one view of x for every operator below. MXNet reorders a convolution's
         # output from oneDNN's blocked layout for each operator that reads it (~0.5 ms each
         # at ResNet-18's 64x64x14x14 here); the reshape does it once.
         x3 = F.reshape(x, (0, 0, -1))
-        sync = self._allreduce_key()
-        # Local statistics with the C++ operator: it differentiates through them itself, so the
-        # gradient is stopped at their input, not at their output (MXNet would still run the
-        # statistics' backward, on zeros, and add its result to x's gradient).
-        stop = sync is None and self._native
-        local = stats.local_stats(F, F.BlockGrad(x3) if stop else x3, self._native)
+        local = stats.local_stats(F, x3, self._native)
         probe = stats.mode_probe(F, local, running_mean, running_var)
-        total = local if sync is None else allreduce(F, local, probe, *sync)
+        total = allreduce(F, local, probe, *sync)
         y3 = stats.normalize(F, x3, total, probe, gamma, beta, running_mean, running_var,
                              eps=self.epsilon, momentum=self.momentum, fix_gamma=self.fix_gamma,
-                             local=sync is None, native=self._native)
+                             native=self._native)
         return F.reshape_like(y3, x)
 
     def __repr__(self):

@@ -60,17 +60,17 @@ def local_stats(F, x, native: bool):
 
 
 def normalize(F, x, G, probe, gamma, beta, running_mean, running_var, *, eps: float,
-              momentum: float, fix_gamma: bool, local: bool, native: bool):
+              momentum: float, fix_gamma: bool, native: bool):
     """``y`` of batch norm with the statistics in ``G`` (training) or the running ones
     (prediction, per ``probe``); in training the running statistics move towards ``G``'s:
     ``running = momentum * running + (1 - momentum) * batch`` (biased variance).
 
-    ``local`` says that ``G`` is this worker's own ``L``: the C++ operator then computes the
-    whole input gradient itself (the caller stops the gradient at the statistics' input, so
-    that MXNet runs no statistics backward)."""
+    The input gradient comes in two parts that MXNet adds: through ``x`` here
+    (``gamma * invstd * dy``) and through ``G``, back through the all-reduce and
+    :func:`local_stats` (the statistics' share, summed over workers)."""
     if native:
         return F.distbn_bn_apply(x, G, probe, gamma, beta, running_mean, running_var, eps=eps,
-                                 momentum=momentum, fix_gamma=fix_gamma, local=local)
+                                 momentum=momentum, fix_gamma=fix_gamma)
     training = F.broadcast_like(F.abs(F.slice(probe, begin=(0, 0), end=(1, 1))).reshape((1,)) < 2,
                                 running_mean)  # (C,) of 1.0 in training, 0.0 in prediction
     n = F.slice_axis(G, axis=0, begin=0, end=1)

@@ -1,8 +1,11 @@
 """Single-process checks of the layers: distbn.BatchNorm == gluon.nn.BatchNorm == the book's
 function, imperative and hybridized; Gluon's constructor and parameter names (pretrained
 files load both ways); numerical safety; the converter on any network; no collective at size
-1. Every test runs twice: with distbn's C++ operators (the CPU path) and with the
-MXNet-operator graph (the GPU path, or no compiler)."""
+1. Every test runs three times: as the layers run in one process (MXNet's BatchNorm operator,
+``mxnet``), and through the synced graph over a group of one worker (local statistics, an
+all-reduce that sums one worker, normalize), with distbn's C++ operators (the CPU path,
+``native``) and with the MXNet-operator graph (the GPU path, or no compiler, ``mxnet-ops``).
+The synced graph across real workers is tests/test_syncbn_mp.py's."""
 import inspect
 
 import numpy as np
@@ -18,9 +21,16 @@ from distbn.comm import get_comm
 SHAPES = {2: (32, 7), 4: (16, 5, 6, 6)}
 
 
-@pytest.fixture(autouse=True, params=["native", "mxnet-ops"])
+@pytest.fixture(autouse=True, params=["mxnet", "native", "mxnet-ops"])
 def kernels(request, monkeypatch):
-    """Layers made inside a test use this path (a layer picks it when it is built)."""
+    """Layers made inside a test take this path (the kernels are picked when a layer is
+    built, the graph when it is traced)."""
+    if request.param == "mxnet":
+        return request.param
+    # Every distbn layer builds the synced graph, over a "group" of this one process: the
+    # Horovod all-reduce operator's size-1 path passes the statistics through.
+    for cls in (distbn.BatchNorm, distbn.SyncBatchNorm):
+        monkeypatch.setattr(cls, "_allreduce_key", lambda self: (self.prefix, ()))
     if request.param == "native":
         assert native.available()  # built and loaded: the CPU path under test
     else:
@@ -28,11 +38,14 @@ def kernels(request, monkeypatch):
     return request.param
 
 
-def test_the_graph_uses_the_native_operators_on_the_cpu(kernels):
+def test_the_graph_takes_the_path_under_test(kernels):
     layer = distbn.SyncBatchNorm(3)
     graph = layer(mx.sym.var("data")).tojson()
     assert ("distbn_bn_apply" in graph) == (kernels == "native")
-    assert "distbn_allreduce" not in graph  # one worker: no collective in the graph
+    assert '"op": "distbn_allreduce"' not in graph  # one process: never the mesh operator
+    # one worker's statistics: MXNet's operator alone; the synced graph has Horovod's
+    # all-reduce operator (a Custom one) in this process
+    assert ('"op": "Custom"' in graph) == (kernels != "mxnet")
 
 
 def close(got, want, rtol=1e-5):
@@ -110,8 +123,10 @@ def test_layer_equals_the_books_function(ndim):
 
 
 @pytest.mark.parametrize("shape", [(256, 6, 24, 24), (256, 120)])
-def test_large_mean_small_spread_first_step(shape):
-    """1e4 +- 0.1 in float32: normalized output must have std 1 on the very first batch."""
+def test_large_mean_small_spread_first_step(shape, kernels):
+    """1e4 +- 0.1 in float32: synced statistics give output of std 1 on the very first batch.
+    One worker's statistics are MXNet's operator's, exactly Gluon's (whose float32 sums give a
+    std of ~0.01 at the convolution shape here: README)."""
     rs = np.random.RandomState(2)
     x = nd.array(1e4 + 0.1 * rs.randn(*shape), dtype="float32")
     layer = distbn.SyncBatchNorm(shape[1], len(shape))
@@ -119,6 +134,12 @@ def test_large_mean_small_spread_first_step(shape):
     layer.hybridize()
     with autograd.record():
         y = layer(x).asnumpy()
+    if kernels == "mxnet":
+        ref = gluon.nn.BatchNorm(in_channels=shape[1])
+        ref.initialize()
+        with autograd.record():
+            np.testing.assert_array_equal(y, ref(x).asnumpy())
+        return
     axes = (0, 2, 3) if len(shape) == 4 else (0,)
     assert np.abs(y.std(axis=axes) - 1).max() < 1e-2, y.std(axis=axes)
     assert np.abs(y.mean(axis=axes)).max() < 1e-2
@@ -142,18 +163,22 @@ def test_sync_layer_at_size_one_does_no_collective():
     assert comm.collectives == before
 
 
-def test_running_statistics_move_in_training_forward_only():
-    """distbn's convention: the running statistics are updated in the training forward pass
-    (MXNet's BN does it in the backward pass, so a Gluon BN layer whose backward never runs,
-    one on the raw input, never updates them); never in prediction."""
+def test_running_statistics_move_in_training_only(kernels):
+    """Synced statistics update the running ones in the training forward pass (so they move
+    even where no backward runs); MXNet's operator, one worker's statistics, in the backward
+    pass, as Gluon's layer. Never in prediction."""
     layer = distbn.BatchNorm(2)
     layer.initialize()
     layer.hybridize()
     x = nd.array([[1.0, 10.0], [3.0, 30.0]])
+    x.attach_grad()
     layer(x)
     np.testing.assert_array_equal(layer.running_mean.data().asnumpy(), [0, 0])
-    with autograd.train_mode():
-        layer(x)
+    with autograd.record():
+        y = layer(x)
+    moved = layer.running_mean.data().asnumpy()
+    np.testing.assert_array_equal(moved != 0, [kernels != "mxnet"] * 2)
+    y.backward()
     close(layer.running_mean.data().asnumpy(), [0.2, 2.0])
     close(layer.running_var.data().asnumpy(), [0.9 + 0.1 * 1.0, 0.9 + 0.1 * 100.0])
 

@@ -52,12 +52,11 @@ def test_process_sets_keep_statistics_within_each_set():
     assert out.count(": OK") == 4, out
 
 
-@pytest.mark.parametrize("np_", [1, 2])
+@pytest.mark.parametrize("np_", [2, 4])
 def test_large_mean_small_spread_over_workers(np_):
-    if np_ == 1:
-        _, out = python([MP / "stress.py"])
-    else:
-        _, out = horovodrun(np_, [MP / "stress.py"], timeout=180)
+    """Synced statistics only: one process runs MXNet's operator (test_layers.py checks the
+    synced graph in one process and that one worker's statistics are exactly Gluon's)."""
+    _, out = horovodrun(np_, [MP / "stress.py"], timeout=180)
     assert out.count(": OK") == np_, out
 
 

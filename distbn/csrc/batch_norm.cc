@@ -7,7 +7,7 @@
 //       workers gives the global count, sum and sum of squares.
 //   distbn_bn_apply(x, G, probe, gamma, beta, running_mean, running_var) -> y
 //       G: a sum of L over workers (or L itself); probe: see below; running_* mutated.
-//       attrs: eps, momentum, fix_gamma (gamma read as 1), local (G is this worker's own L)
+//       attrs: eps, momentum, fix_gamma (gamma read as 1)
 //
 // Why statistics are packed that way: m and v are summed from x minus each channel's first
 // value (of the order of the spread, so float32 row sums are exact enough), then combined in
@@ -17,11 +17,10 @@
 // Training or prediction: extension operators are not told MXNet's is_train flag, so the layer
 // passes `probe` (mode.h says what it is and how it is read).
 //
-// Backward. With `local`, G is this worker's statistics and the whole exact gradient is
-// computed here: dx = g * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)). Otherwise the
-// statistics come from all workers: this op returns g * invstd * dy for x and the gradient
-// with respect to G; the all-reduce's backward sums that over workers, and distbn_bn_stats'
-// backward turns it into the rest of dx (MXNet adds the two).
+// Backward. The statistics come from all workers: this op returns g * invstd * dy for x and the
+// gradient with respect to G; the all-reduce's backward sums that over workers, and
+// distbn_bn_stats' backward turns it into the rest of dx (MXNet adds the two). One worker's
+// statistics are MXNet's own BatchNorm's business (distbn/layers.py), not these operators'.
 //
 // Channels are processed in parallel with OpenMP (OMP_NUM_THREADS threads) when the tensor is
 // large enough to pay for it; MXNet links the system's libgomp, and so does this library, so
@@ -218,7 +217,7 @@ MXReturnValue apply_forward(const Attrs& attrs, std::vector<MXTensor>* in,
 MXReturnValue apply_backward(const Attrs& attrs, std::vector<MXTensor>* in,
                              std::vector<MXTensor>* out, const OpResource&) {
   const double eps = attr(attrs, "eps", 1e-5);
-  const bool fix_gamma = flag(attrs, "fix_gamma"), local = flag(attrs, "local");
+  const bool fix_gamma = flag(attrs, "fix_gamma");
   const float* dy = (*in)[0].data<float>();
   MXTensor& X = (*in)[1];
   const Dims d = dims_of(X);
@@ -246,23 +245,17 @@ MXReturnValue apply_backward(const Attrs& attrs, std::vector<MXTensor>* in,
     dbeta[c] = static_cast<float>(sdy);
     dgamma[c] = fix_gamma ? 0.f : static_cast<float>(sdyx * invstd);
     const float k = static_cast<float>(g * invstd);
-    // dx = k * (dy - a - (x - mean) * b); a, b are the statistics' terms when they are local
-    float a = 0.f, b = 0.f;
-    if (training && local) {
-      a = static_cast<float>(sdy / N);
-      b = static_cast<float>(sdyx / N * invstd * invstd);
-    } else if (training) {  // gradient with respect to the global sums in G
+    if (training) {  // gradient with respect to the global sums in G
       const double dmean = -g * invstd * sdy;
       const double dvar = -0.5 * g * invstd * invstd * invstd * sdyx;
       dG[1 + c] = (dmean - 2 * s.mean * dvar) / N;
       dG[1 + d.c + c] = dvar / N;
     }
-    for (int64_t i = 0; i < d.n; ++i) {
-      const float* row = x + (i * d.c + c) * d.hw;
+    for (int64_t i = 0; i < d.n; ++i) {  // the share through x; the rest comes through G
       const float* e = dy + (i * d.c + c) * d.hw;
       float* o = dx + (i * d.c + c) * d.hw;
 #pragma omp simd
-      for (int64_t j = 0; j < d.hw; ++j) o[j] = k * (e[j] - a - (row[j] - m) * b);
+      for (int64_t j = 0; j < d.hw; ++j) o[j] = k * e[j];
     }
   }
   return MX_SUCCESS;

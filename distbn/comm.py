@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from . import mesh as _mesh
+from . import mesh as _mesh, native
 from .placement import pin_local_worker
 
 try:  # Horovod is optional: without it distbn runs as one process.
@@ -190,7 +190,6 @@ def _connect_mesh(comm: Comm) -> bool:
     """Sets up the sync layers' mesh (:mod:`distbn.mesh`) when there are several workers and
     every one has the C++ operators loaded. ``DISTBN_MESH=0`` (on any worker) keeps the sync
     layers on Horovod."""
-    from . import native
     if comm.size == 1:
         return False
     want = os.environ.get("DISTBN_MESH", "1") != "0" and native.available()

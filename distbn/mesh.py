@@ -19,6 +19,8 @@ import re
 import socket
 import struct
 
+from . import native
+
 _HELLO = struct.Struct("!II")  # magic, rank
 _MAGIC = 0x44424E4D  # "DBNM"
 _SIOCGIFADDR = 0x8915
@@ -54,7 +56,6 @@ def connect(rank: int, size: int, all_local: bool, allgather, want: bool,
     together, so that a worker without the C++ operators turns it off for all); returns
     whether it did. ``allgather(obj)`` returns every rank's obj; every worker must call this at
     the same point. Raises :class:`MeshError` naming the worker that could not be reached."""
-    from . import native
     if not want:
         allgather(None)
         return False
@@ -114,7 +115,6 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
 
 def count() -> int:
     """Collectives the mesh has done in this process."""
-    from . import native
     lib = native.clib()
     lib.distbn_mesh_count.restype = ctypes.c_longlong
     return lib.distbn_mesh_count()
@@ -123,7 +123,6 @@ def count() -> int:
 def times() -> tuple:
     """Seconds this process has spent inside mesh collectives, and of those blocked waiting
     for the other workers' messages (the rest: copying, sending, summing)."""
-    from . import native
     inside, waiting = ctypes.c_longlong(), ctypes.c_longlong()
     native.clib().distbn_mesh_times(ctypes.byref(inside), ctypes.byref(waiting))
     return inside.value * 1e-9, waiting.value * 1e-9
@@ -131,7 +130,6 @@ def times() -> tuple:
 
 def last() -> str:
     """The name of the newest collective over the mesh."""
-    from . import native
     buf = ctypes.create_string_buffer(256)
     native.clib().distbn_mesh_last(buf, len(buf))
     return buf.value.decode()
@@ -148,7 +146,6 @@ def allreduce(data, key: str, ranks: tuple = ()):
     """Sum of a float64 numpy array over the workers of ``ranks`` (all when empty), through the
     same exchange as the operator (for tests and benchmarks; raises MeshError)."""
     import numpy as np
-    from . import native
     src = np.ascontiguousarray(data, dtype=np.float64)
     out = np.empty_like(src)
     err = ctypes.create_string_buffer(512)

@@ -3,8 +3,8 @@ the sync layer's all-reduce over a mesh of sockets (``allreduce.cc``, set up by
 :mod:`distbn.mesh`). Built once with the system's C++ compiler against the installed MXNet,
 cached, and loaded through MXNet's extension API, after which ``F.distbn_bn_stats``,
 ``F.distbn_bn_apply`` and ``F.distbn_allreduce`` exist for both ``mx.nd`` and ``mx.sym`` (so
-inside hybridized graphs); :func:`clib` reaches the library's C functions. ``launch/install.sh`` builds them;
-otherwise the first use does (a few seconds).
+inside hybridized graphs); :func:`clib` reaches the library's C functions.
+``launch/install.sh`` builds them; otherwise the first use does (a few seconds).
 
 Where they cannot be had (no compiler, ``DISTBN_NATIVE=0``, or a machine with GPUs, for which
 there is no CUDA kernel), :func:`available` is False and the layers build the same graph from
@@ -21,6 +21,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / name for name in ("batch_norm.cc", "allreduce.cc")]
+HEADERS = sorted(CSRC.glob("*.h"))  # included by the sources: part of the build key
 # -Bsymbolic: the library binds to its own copies of lib_api.h's inline functions; loaded next
 # to Horovod's MXNet extension it otherwise picked up foreign ones and crashed. -fopenmp: the
 # system's libgomp, the OpenMP runtime MXNet itself links.
@@ -37,7 +38,8 @@ def library_path() -> Path:
     """Where the built library lives: the user cache, under a name that changes with the
     source, the MXNet build and the Python version (a stale build is never loaded)."""
     import mxnet
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in [*SOURCES, *sorted(CSRC.glob("*.h"))]) + f"{mxnet.__version__} {_mxnet_dir()} "
+    code = b"".join(p.read_bytes() for p in [*SOURCES, *HEADERS])
+    key = hashlib.sha256(code + f"{mxnet.__version__} {_mxnet_dir()} "
                          f"{sys.version_info[:2]} {FLAGS}".encode()).hexdigest()[:16]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "distbn" / "ops" / key / "libdistbn_ops.so"

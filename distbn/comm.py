@@ -4,10 +4,10 @@ Everything else asks ``get_comm()`` for rank, size and collectives. When Horovod
 or the job runs as one process, a size-1 path does no collective at all: an all-reduce of one
 worker is the identity, so it returns its input unchanged.
 
-Groups: a ``group`` argument is ``None`` (all workers) or a :class:`Group` made by
-:meth:`Comm.group` from a list of ranks (a Horovod process set underneath, added at run
-time): ``Comm.group`` needs ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` in every worker's environment,
-which Horovod reads in ``hvd.init``.
+Two kinds of collectives: Horovod's (gradients, broadcasts, metrics), and the sync layers'
+all-reduce, which runs on Gloo contexts of distbn's own (:mod:`distbn.engine`) that this module
+sets up through Horovod when it starts. Groups: a :class:`Group` made by :meth:`Comm.group` from a
+list of ranks is a sub-communicator of that engine (no Horovod process set is involved).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from . import mesh as _mesh, native
+from . import engine as _engine, native
 from .placement import pin_local_worker
 
 try:  # Horovod is optional: without it distbn runs as one process.
@@ -26,9 +26,8 @@ except ImportError:  # pragma: no cover - exercised only on machines without Hor
 
 @dataclass(frozen=True)
 class Group:
-    """A subset of workers that communicate among themselves (a Horovod process set)."""
+    """A subset of workers whose sync layers share statistics (a communicator of the engine)."""
     ranks: tuple
-    handle: object = field(compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -41,30 +40,24 @@ class Comm:
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
-    mesh: bool = False  # whether the sync layers' mesh is up (distbn.mesh; set by get_comm)
+    engine: bool = False  # whether the sync layers' engine is up (distbn.engine; set by get_comm)
     cores: list = field(default_factory=list)  # the cores this worker was pinned to ([]: not)
     _issued_count: int = 0
     _last_issued: str = ""
     _groups: dict = field(default_factory=dict, repr=False)  # ranks -> Group, made once each
 
     # --- collectives -------------------------------------------------------------------
-    def allreduce_sum(self, x, name: str, group: Optional[Group] = None, out=None):
-        """Element-wise sum of ``x`` over the workers of ``group`` (all when None).
+    def allreduce_sum(self, x, name: str):
+        """Element-wise sum of ``x`` over all workers, through Horovod.
 
         Asynchronous: returns an NDArray that MXNet's engine fills in when the collective is
-        done, so the caller's next ops queue behind it. ``out`` (same shape and type) receives
-        the result instead of a new array. ``name`` must be identical on every rank and
-        unique among collectives in flight.
+        done, so the caller's next ops queue behind it. ``name`` must be identical on every
+        rank and unique among collectives in flight.
         """
-        if self.group_size(group) == 1:
-            if out is None:
-                return x
-            x.copyto(out)
-            return out
+        if self.size == 1:
+            return x
         self._issued(name)
-        if out is None:
-            return _hvd.allreduce(x, name=name, op=_hvd.Sum, **self._ps(group))
-        return _allreduce_into(x, out, name, group)
+        return _hvd.allreduce(x, name=name, op=_hvd.Sum)
 
     def allreduce_max(self, x, name: str):
         """Element-wise maximum of ``x`` over all workers."""
@@ -104,17 +97,16 @@ class Comm:
         return _hvd.DistributedTrainer(params, optimizer, optimizer_params)
 
     def group(self, ranks: Sequence[int]) -> Group:
-        """A group of the given ranks; every worker must call this with the same ranks."""
+        """A group of the given ranks for the sync layers (``process_set=``). Every worker
+        must call this with the same ranks in the same order, members or not: it connects the
+        group's engine context (one all-gather through Horovod)."""
         ranks = tuple(sorted(int(r) for r in ranks))
         if any(not 0 <= r < self.size for r in ranks) or len(set(ranks)) != len(ranks) or not ranks:
             raise ValueError(f"ranks {ranks} are not distinct ranks of a world of size {self.size}")
-        if self.size == 1 or len(ranks) == self.size:
-            return Group(ranks, handle=None)
-        if os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS") != "1":
-            raise RuntimeError("process sets need HOROVOD_DYNAMIC_PROCESS_SETS=1 in the "
-                               "environment of every worker (set it before launching)")
-        if ranks not in self._groups:  # add_process_set is itself a collective: once per set
-            self._groups[ranks] = Group(ranks, handle=_hvd.add_process_set(list(ranks)))
+        if ranks not in self._groups:
+            if 1 < len(ranks) < self.size:  # all workers: the engine's first context; one: none
+                _engine.add_group(self.rank, ranks, self.allgather_object)
+            self._groups[ranks] = Group(ranks)
         return self._groups[ranks]
 
     def allgather_object(self, obj) -> list:
@@ -126,16 +118,16 @@ class Comm:
 
     @property
     def collectives(self) -> int:
-        """Collectives issued so far, through Horovod and over the mesh (tests count them)."""
-        return self._issued_count + (_mesh.count() if self.mesh else 0)
+        """Collectives issued so far, through Horovod and by the engine (tests count them)."""
+        return self._issued_count + (_engine.count() if self.engine else 0)
 
     @property
     def last_collective(self) -> str:
         """The newest collective's name (the stall guard reports it)."""
-        synced = _mesh.last() if self.mesh else ""
+        synced = _engine.last() if self.engine else ""
         if not synced:
             return self._last_issued
-        return f"{synced} (over the mesh; newest through Horovod: {self._last_issued or 'none'})"
+        return f"{synced} (sync layers' engine; newest through Horovod: {self._last_issued or 'none'})"
 
     # --- helpers -----------------------------------------------------------------------
     def _issued(self, name: str) -> None:
@@ -148,24 +140,6 @@ class Comm:
         if self.rank not in group.ranks:
             raise ValueError(f"rank {self.rank} is not a member of the group {group.ranks}")
         return group.size
-
-    @staticmethod
-    def _ps(group: Optional[Group]) -> dict:
-        return {} if group is None or group.handle is None else {"process_set": group.handle}
-
-
-def _allreduce_into(x, out, name: str, group: Optional[Group]):
-    """``hvd.allreduce`` with a given output: Horovod's public call allocates a zeroed output
-    array first (one more engine operation, ~0.1 ms when issued from a custom operator's
-    thread); its C entry point takes the output directly. Horovod is pinned to 0.28.1."""
-    import ctypes
-    from horovod.mxnet import mpi_ops
-    ps = group.handle if group is not None and group.handle is not None else mpi_ops.global_process_set
-    mpi_ops.check_call(mpi_ops.MPI_MXNET_LIB_CTYPES.horovod_mxnet_allreduce_async(
-        ctypes.byref(x.handle), ctypes.byref(out.handle), ctypes.c_char_p(name.encode()),
-        ctypes.c_int(_hvd.Sum), ctypes.c_int(0), ctypes.c_double(1.0), ctypes.c_double(1.0),
-        ctypes.c_int(1), ctypes.c_int(ps.process_set_id)))
-    return out
 
 
 _COMM: Optional[Comm] = None
@@ -182,16 +156,18 @@ def get_comm() -> Comm:
             _COMM = Comm(rank=_hvd.rank(), size=_hvd.size(),
                          local_rank=_hvd.local_rank(), local_size=_hvd.local_size())
             _COMM.cores = pin_local_worker(_COMM.local_rank, _COMM.local_size)
-            _COMM.mesh = _connect_mesh(_COMM)
+            _COMM.engine = _start_engine(_COMM)
     return _COMM
 
 
-def _connect_mesh(comm: Comm) -> bool:
-    """Sets up the sync layers' mesh (:mod:`distbn.mesh`) when there are several workers and
-    every one has the C++ operators loaded. ``DISTBN_MESH=0`` (on any worker) keeps the sync
-    layers on Horovod."""
+def _start_engine(comm: Comm) -> bool:
+    """Connects the sync layers' engine (:mod:`distbn.engine`) when there are several workers.
+    Without distbn's C++ library (no compiler) it stays down, and a synced layer says so when
+    it is first built."""
     if comm.size == 1:
         return False
-    want = os.environ.get("DISTBN_MESH", "1") != "0" and native.available()
-    return _mesh.connect(comm.rank, comm.size, comm.local_size == comm.size,
-                         comm.allgather_object, want)
+    up = native.available()
+    if not all(comm.allgather_object(up)):
+        return False
+    _engine.start(comm.rank, comm.size, comm.local_size == comm.size, comm.allgather_object)
+    return True

@@ -10,7 +10,7 @@ imperatively or compiled with the rest of a hybridized network:
 
     probe = mode_probe(...)                  training or prediction, decided when it runs
     L = local_stats(x)                       (1 + 2C,) float64          [distbn.stats]
-    G = allreduce(L)                         one collective forward, one backward [allreduce_op]
+    G = allreduce(L)                         one collective forward, one backward [engine: Gloo]
     y = normalize(x, G, probe, gamma, beta, running_mean, running_var)      [distbn.stats]
 
 so a sync layer does one collective in forward and, through the all-reduce's gradient, one in
@@ -35,8 +35,8 @@ import numpy as np
 from mxnet import gluon
 
 from . import native, stats
-from .allreduce_op import allreduce
 from .comm import Group, get_comm
+from .engine import allreduce_op
 
 
 class BatchNorm(gluon.HybridBlock):
@@ -71,7 +71,7 @@ class BatchNorm(gluon.HybridBlock):
         # Build or load the C++ operators now, not in the first step: loading a library makes
         # MXNet rebuild its operator wrappers (~0.5 s measured here). Whether the layer syncs
         # (and so uses them) is known only when its graph is traced.
-        self._native = native.available()
+        self._native = native.kernels()
         shape = (in_channels,)
 
         def param(name, init, trainable):
@@ -115,7 +115,7 @@ class BatchNorm(gluon.HybridBlock):
         x3 = F.reshape(x, (0, 0, -1))
         local = stats.local_stats(F, x3, self._native)
         probe = stats.mode_probe(F, local, running_mean, running_var)
-        total = allreduce(F, local, probe, *sync)
+        total = allreduce_op(F, local, probe, *sync)
         y3 = stats.normalize(F, x3, total, probe, gamma, beta, running_mean, running_var,
                              eps=self.epsilon, momentum=self.momentum, fix_gamma=self.fix_gamma,
                              native=self._native)
@@ -155,7 +155,12 @@ class SyncBatchNorm(BatchNorm):
 
     def _allreduce_key(self):
         comm = get_comm()
-        if comm.group_size(self.process_set) == 1:
+        size = comm.group_size(self.process_set)
+        if size == 1:
             return None
-        ranks = self.process_set.ranks if self.process_set is not None else ()
+        if not comm.engine:
+            raise RuntimeError(f"{self.name}: syncing statistics over {size} workers needs "
+                               "distbn's C++ library (a C++ compiler and Gloo: see the warning "
+                               "above, and launch/install.sh)")
+        ranks = self.process_set.ranks if size < comm.size else ()  # () = all workers
         return self.key, ranks

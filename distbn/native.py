@@ -1,14 +1,14 @@
-"""distbn's C++ operators for the CPU (``csrc/``): the batch-norm math (``batch_norm.cc``) and
-the sync layer's all-reduce over a mesh of sockets (``allreduce.cc``, set up by
-:mod:`distbn.mesh`). Built once with the system's C++ compiler against the installed MXNet,
-cached, and loaded through MXNet's extension API, after which ``F.distbn_bn_stats``,
-``F.distbn_bn_apply`` and ``F.distbn_allreduce`` exist for both ``mx.nd`` and ``mx.sym`` (so
-inside hybridized graphs); :func:`clib` reaches the library's C functions.
+"""distbn's C++ operators (``csrc/``): the batch-norm math for the CPU (``batch_norm.cc``) and
+the sync layers' all-reduce on Gloo (``allreduce.cc``, connected by :mod:`distbn.engine`; CPU,
+and GPU where MXNet is a CUDA build). Built once with the system's C++ compiler against the
+installed MXNet and Gloo, cached, and loaded through MXNet's extension API, after which
+``F.distbn_bn_stats``, ``F.distbn_bn_apply`` and ``F.distbn_allreduce`` exist for both ``mx.nd``
+and ``mx.sym`` (so inside hybridized graphs); :func:`clib` reaches the library's C functions.
 ``launch/install.sh`` builds them; otherwise the first use does (a few seconds).
 
-Where they cannot be had (no compiler, ``DISTBN_NATIVE=0``, or a machine with GPUs, for which
-there is no CUDA kernel), :func:`available` is False and the layers build the same graph from
-MXNet's own operators (:mod:`distbn.stats`), which computes the same values, more slowly.
+The batch-norm kernels are CPU-only: on machines with GPUs, or with ``DISTBN_NATIVE=0``,
+:func:`kernels` is False and the layers build the same graph from MXNet's own operators
+(:mod:`distbn.stats`), which computes the same values, more slowly on the CPU.
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ HEADERS = sorted(CSRC.glob("*.h"))  # included by the sources: part of the build
 # to Horovod's MXNet extension it otherwise picked up foreign ones and crashed. -fopenmp: the
 # system's libgomp, the OpenMP runtime MXNet itself links.
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wl,-Bsymbolic"]
+# Gloo (Debian's libgloo-dev: headers in /usr/include/gloo, libgloo.so), the collective library of
+# the sync layers' all-reduce (allreduce.cc).
+LIBS = ["-lgloo"]
 _loaded: dict = {}  # "ok" -> whether the library is loaded (a failure is warned once)
 
 
@@ -34,26 +37,52 @@ def _mxnet_dir() -> Path:
     return Path(mxnet.__file__).resolve().parent
 
 
+def cuda_flags() -> list:
+    """Flags that compile the all-reduce's GPU lines (``DISTBN_CUDA``: staging through host
+    memory): CUDA's runtime headers and library from ``CUDA_HOME``, ``/usr/local/cuda``, or
+    PyPI's ``nvidia-cuda-runtime-cu11``. Raises when none is there."""
+    roots = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    try:
+        import nvidia.cuda_runtime
+        roots.append(list(nvidia.cuda_runtime.__path__)[0])
+    except ImportError:
+        pass
+    for root in filter(None, roots):
+        inc, lib = Path(root) / "include", Path(root) / ("lib64" if (Path(root) / "lib64").is_dir() else "lib")
+        runtime = sorted(lib.glob("libcudart.so*"))
+        if (inc / "cuda_runtime_api.h").is_file() and runtime:
+            return ["-DDISTBN_CUDA", f"-I{inc}", f"-L{lib}", f"-Wl,-rpath,{lib}", f"-l:{runtime[0].name}"]
+    raise RuntimeError("MXNet is a CUDA build but no CUDA runtime headers were found "
+                       "(set CUDA_HOME, or pip install nvidia-cuda-runtime-cu11)")
+
+
+def _device_flags() -> list:
+    import mxnet as mx
+    return cuda_flags() if mx.runtime.Features().is_enabled("CUDA") else []
+
+
 def library_path() -> Path:
     """Where the built library lives: the user cache, under a name that changes with the
     source, the MXNet build and the Python version (a stale build is never loaded)."""
     import mxnet
     code = b"".join(p.read_bytes() for p in [*SOURCES, *HEADERS])
     key = hashlib.sha256(code + f"{mxnet.__version__} {_mxnet_dir()} "
-                         f"{sys.version_info[:2]} {FLAGS}".encode()).hexdigest()[:16]
+                         f"{sys.version_info[:2]} {FLAGS} {LIBS} {_device_flags()}".encode()).hexdigest()[:16]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "distbn" / "ops" / key / "libdistbn_ops.so"
 
 
-def build(dest: Path) -> Path:
+def build(dest: Path, extra: list = None) -> Path:
     """Compile the operator library to ``dest`` (temporary file, then rename: workers that
-    build at the same time never load a half-written file)."""
+    build at the same time never load a half-written file); ``extra`` flags default to the
+    device's (:func:`cuda_flags` on a CUDA build of MXNet)."""
     mx_dir = _mxnet_dir()
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=dest.parent)
     os.close(fd)
     cmd = [os.environ.get("CXX", "g++"), *FLAGS, f"-I{mx_dir / 'include'}", *map(str, SOURCES),
-           str(mx_dir / "src" / "lib_api.cc"), "-o", tmp]
+           str(mx_dir / "src" / "lib_api.cc"), *LIBS,
+           *(_device_flags() if extra is None else extra), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
@@ -86,18 +115,23 @@ def clib():
 
 
 def available() -> bool:
-    """Whether the C++ operators are loaded; loads them on first call. False with
-    ``DISTBN_NATIVE=0``, on machines with GPUs, or when they cannot be built (said once)."""
+    """Whether the C++ library is loaded; loads it on first call. False when it cannot be
+    built (said once): then the layers' own statistics use MXNet's operators and several
+    workers cannot sync."""
     if "ok" not in _loaded:
-        import mxnet as mx
-        if os.environ.get("DISTBN_NATIVE", "1") == "0" or mx.context.num_gpus() > 0:
+        try:
+            load()
+            _loaded["ok"] = True
+        except Exception as e:  # no compiler, no Gloo headers
+            print(f"distbn: warning: distbn's C++ operators unavailable: {e}", file=sys.stderr)
             _loaded["ok"] = False
-        else:
-            try:
-                load()
-                _loaded["ok"] = True
-            except Exception as e:  # no compiler, no headers: the MXNet-ops graph still works
-                print(f"distbn: warning: native batch norm unavailable, using MXNet ops "
-                      f"(slower): {e}", file=sys.stderr)
-                _loaded["ok"] = False
     return _loaded["ok"]
+
+
+def kernels() -> bool:
+    """Whether the layers use the C++ batch-norm kernels (CPU only): not with
+    ``DISTBN_NATIVE=0`` nor on a machine with GPUs, whose layers build the same graph from
+    MXNet's operators (:mod:`distbn.stats`)."""
+    import mxnet as mx
+    return (available() and os.environ.get("DISTBN_NATIVE", "1") != "0"
+            and mx.context.num_gpus() == 0)

@@ -36,7 +36,7 @@ def _is_root_before_init() -> bool:
 _REPORT_GRACE_SECONDS = 30.0
 
 
-LOST_WORKER_EXIT_CODE = 6  # a sync layer's exchange lost another worker (distbn.mesh)
+LOST_WORKER_EXIT_CODE = 6  # a sync layer's exchange lost another worker (distbn.engine)
 # A worker that lost another waits this long before it reports: horovodrun, which sees the
 # other worker's exit too, usually ends the job first (within a second here), and the other
 # worker's own message, if it left one, stays the job's only one.
@@ -322,7 +322,7 @@ def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -
 
     start, global_step = resume_point(comm, run_dir, net, trainer, log, cfg.train.lr) if resume else (1, 0)
     comm.broadcast_parameters(net.collect_params(), prefix="distbn.resume")
-    via = " over the mesh" if comm.mesh else " through Horovod" if comm.size > 1 else ""
+    via = " over Gloo" if comm.engine else ""
     log.info(f"{cfg.name}: {cfg.model.arch}, {comm.size} worker(s) on {ctx}, bn={cfg.model.bn}"
              f"{via if cfg.model.bn == 'sync' else ''}, global batch "
              f"{cfg.train.batch_size} ({cfg.train.batch_size // comm.size} per worker), "
@@ -386,10 +386,10 @@ def main(argv=None) -> int:
              is_root=True)  # only the writer (rank 0) meets storage errors
     except FloatingPointError as e:
         fail(str(e), code=3)
-    except Exception as e:  # noqa: BLE001 - only the mesh's own failures are turned into a line
-        from . import mesh
+    except Exception as e:  # noqa: BLE001 - only the engine's own failures are turned into a line
+        from . import engine
         from .comm import get_comm
-        lost = mesh.failure(e)
+        lost = engine.failure(e)
         if lost is None or os.environ.get("DISTBN_TRACEBACK") == "1":
             raise
         fail(f"rank {get_comm().rank}: {lost}; the last complete checkpoint is "

@@ -21,17 +21,17 @@ def test_sync_equals_plain_bn_on_the_concatenated_batch(np_, ndim, split):
 def test_sync_equals_plain_bn_hybridized_with_unequal_batches(np_, ndim):
     _, out = horovodrun(np_, [MP / "syncbn_equivalence.py", "--ndim", ndim, "--sizes", "3,5,1,7",
                               "--steps", 3, "--hybridize"], timeout=180)
-    assert out.count("via=mesh hybridized=True: OK") == np_, out
+    assert out.count("via=gloo hybridized=True: OK") == np_, out
 
 
 @pytest.mark.parametrize("np_", [2, 3])
-def test_sync_through_horovod_when_the_mesh_is_off(np_):
-    """The transport of GPU workers (and of DISTBN_MESH=0): Horovod, through a Python custom
-    operator. Both modes, unequal batches."""
+def test_sync_with_mxnet_operator_statistics(np_):
+    """The graph GPU workers build (statistics and normalization from MXNet's operators, as
+    with DISTBN_NATIVE=0) over the same engine. Both modes, unequal batches."""
     for hybridize in ([], ["--hybridize"]):
         _, out = horovodrun(np_, [MP / "syncbn_equivalence.py", "--ndim", 4, "--sizes", "3,5,1",
-                                  "--steps", 3, *hybridize], timeout=180, env={"DISTBN_MESH": "0"})
-        assert out.count("via=horovod hybridized=") == np_ and out.count(": OK") == np_, out
+                                  "--steps", 3, *hybridize], timeout=180, env={"DISTBN_NATIVE": "0"})
+        assert out.count("via=gloo hybridized=") == np_ and out.count(": OK") == np_, out
 
 
 def test_size_one_equals_plain_bn_without_collective():
@@ -47,8 +47,7 @@ def test_local_bn_is_caught_by_the_same_check():
 
 
 def test_process_sets_keep_statistics_within_each_set():
-    _, out = horovodrun(4, [MP / "process_sets.py"], timeout=180,
-                        env={"HOROVOD_DYNAMIC_PROCESS_SETS": "1"})
+    _, out = horovodrun(4, [MP / "process_sets.py"], timeout=180)
     assert out.count(": OK") == 4, out
 
 

@@ -1,146 +1,139 @@
-// distbn's all-reduce for the sync layer on the CPU: the workers' packed statistics (a few
-// hundred float64 values per layer) summed over a mesh of TCP connections, inside MXNet's
-// engine thread, as an extension operator usable in hybridized graphs.
+// distbn's all-reduce for the sync layer: the workers' packed statistics (1 + 2C float64 values
+// per layer) summed with Gloo (Horovod's own CPU collective library), inside MXNet's engine, as
+// an extension operator usable in hybridized graphs.
 //
 //   distbn_allreduce(data, probe) -> sum of data over the workers of `ranks` (all when "")
 //       attrs: key (the layer's name, identical on every worker), ranks ("0,2" or "")
-//       training (the probe, mode.h): one exchange in forward, one in backward
-//       (the gradient of a sum over workers is the sum of their gradients); prediction: the
-//       data pass through, no exchange.
+//       training (the probe, mode.h): one all-reduce in forward, one in backward (the gradient
+//       of a sum over workers is the sum of their gradients); prediction: the data pass
+//       through, no exchange.
 //
-// Why not Horovod for these: each Horovod all-reduce of a small tensor took ~0.9 ms here
-// (engine op -> Horovod's background thread and its cycle -> negotiation -> Gloo -> callback),
-// and a sync layer needs two per step on the critical path. A direct exchange over sockets that
-// already exist is one send and one receive per peer. Horovod still does everything else
-// (gradients, broadcasts) and sets the mesh up (distbn/mesh.py makes the connections; this file
-// only uses them: distbn_mesh_attach).
+// The algorithm is Gloo's halving-doubling all-reduce (gloo::AllreduceHalvingDoubling): log2(N)
+// latency steps, and about twice the vector's bytes sent per worker whatever N (an all-to-all
+// sends N - 1 copies). Every element is reduced on one worker and then copied to the others, so
+// all workers get bitwise the same sums (their running statistics stay identical).
 //
-// The exchange: every worker sends its whole vector to every other worker of the group and
-// sums all of them in rank order, so all workers get bitwise the same result (their running
-// statistics stay identical). Messages carry the collective's name; a worker that receives
-// another name than it expects fails with both names (out-of-step workers) instead of mixing
-// layers. Non-blocking sockets and poll(): sends and receives progress together, so large
-// vectors cannot deadlock on full socket buffers. A peer that closes its connection (a dead
-// worker) fails the collective at once, naming its rank; one that stays silent is left to the
-// trainer's stall guard (or to DISTBN_MESH_TIMEOUT seconds, when set).
+// Communicators: one Gloo context over all workers, and one per process set (`ranks`), all on
+// one TCP device. Gloo's own rendezvous needs a key-value store; here the pairs' addresses are
+// all-gathered through Horovod instead (distbn/engine.py): each worker makes a pair for every
+// peer (distbn_group_listen), hands the addresses out, then connects (distbn_group_connect).
+// The pairs run in Gloo's synchronous mode: the engine thread that runs the operator reads the
+// socket itself, with no hand-off to Gloo's event-loop thread, and any error (a lost peer, a
+// message of the wrong size) is thrown in that thread and becomes the operator's error.
+//
+// Out-of-step workers: every exchange carries one more value in front, a tag hashed from the
+// collective's name and length; after the sum it must be exactly size * tag (integers below
+// 2^53 are exact in float64), else the exchange fails naming both collectives instead of
+// returning statistics mixed from different layers.
 //
 // The engine runs one operator at a time on its CPU thread (MXNet's default), in the graph's
-// order, which is the same on every worker; the mutex makes concurrent engine threads safe, and
-// the name check turns a different order into an error rather than wrong numbers.
-#include <errno.h>
-#include <fcntl.h>
-#include <poll.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
-#include <atomic>
+// order, which is the same on every worker; the mutex makes concurrent engine threads safe.
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <unordered_map>
 #include <vector>
+
+#include <gloo/allreduce_halving_doubling.h>
+#include <gloo/common/error.h>
+#include <gloo/context.h>
+#include <gloo/transport/tcp/address.h>
+#include <gloo/transport/tcp/device.h>
+
 #include "mxnet/lib_api.h"
 #include "mode.h"
+
+#ifdef DISTBN_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 using namespace mxnet::ext;
 
 namespace {
 
-constexpr uint32_t kMagic = 0x44424e31;  // "DBN1"
-
-struct Header {
-  uint32_t magic;
-  uint32_t key_len;
-  uint64_t payload_len;
+// A Gloo context whose pairs are connected from addresses handed out by the caller (Gloo's
+// rendezvous::Context does the same through a Store).
+class Context : public gloo::Context {
+ public:
+  Context(int rank, int size, const std::shared_ptr<gloo::transport::Device>& device,
+          std::chrono::milliseconds timeout)
+      : gloo::Context(rank, size) {
+    setTimeout(timeout);
+    device_ = device;
+    transportContext_ = device->createContext(rank, size);
+    transportContext_->setTimeout(timeout);
+  }
+  std::vector<char> listen(int peer) {
+    return transportContext_->createPair(peer)->address().bytes();
+  }
+  void connect(int peer, const std::vector<char>& address) {
+    auto& pair = transportContext_->getPair(peer);
+    pair->connect(address);
+    pair->setSync(true, false);
+  }
+  // Whether the pair with `peer` still stands: Gloo closes a pair whose connection failed, and
+  // asking a closed pair for synchronous mode (which the others already have) throws.
+  bool alive(int peer) {
+    try {
+      transportContext_->getPair(peer)->setSync(true, false);
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }
 };
 
-struct Peer {  // one exchange's progress with one other worker
-  int rank, fd;
-  size_t sent = 0;
-  size_t got = 0;
-  std::vector<char> in;  // header + key + payload as received
+struct Plan {  // one all-reduce of a given length in a group, run as often as needed
+  std::vector<double> buf;  // [tag, data...]
+  std::unique_ptr<gloo::AllreduceHalvingDoubling<double>> algorithm;
 };
 
-struct Mesh {
+struct Group {
+  std::shared_ptr<Context> context;
+  std::string broken;  // the error after which its connections were closed
+  std::vector<int> ranks;                      // world ranks, by rank in the group
+  std::map<int64_t, Plan> plans;               // by length
+};
+
+struct Engine {
   std::mutex mu;
   int rank = 0, size = 1;
-  std::vector<int> fds;  // by world rank; -1 for this worker
-  int timeout_ms = -1;
+  std::shared_ptr<gloo::transport::Device> device;
+  std::chrono::milliseconds timeout{0};
+  std::map<std::string, Group> groups;  // by ranks attr ("" = all workers)
+  std::unordered_map<uint32_t, std::string> names;  // tag -> "key (n values)", for errors
   std::atomic<long long> count{0};
-  std::atomic<long long> ns_inside{0};   // time spent in collectives (the benchmarks' account)
-  std::atomic<long long> ns_waiting{0};  // of which blocked in poll(), waiting for peers
+  std::atomic<long long> ns_inside{0};  // time spent in collectives (the benchmarks' account)
   std::mutex last_mu;  // apart from mu, which a waiting collective holds
   std::string last;
-  std::vector<char> out;  // the message this worker sends, reused
 };
 
-Mesh& mesh() {
-  static Mesh m;
-  return m;
+Engine& engine() {
+  static Engine e;
+  return e;
 }
 
-std::string peer_error(int rank, const char* what) {
-  std::ostringstream s;
-  s << "distbn all-reduce: " << what << " rank " << rank;
-  return s.str();
+uint32_t tag_of(const std::string& key, int64_t n) {  // FNV-1a of "key:n", never 0
+  uint32_t h = 2166136261u;
+  for (char c : key + ":" + std::to_string(n)) h = (h ^ static_cast<unsigned char>(c)) * 16777619u;
+  return h ? h : 1;
 }
 
-// Advances the send of `msg` to `p`; false with `err` set when the connection is gone.
-bool send_some(Peer& p, const std::vector<char>& msg, std::string* err) {
-  while (p.sent < msg.size()) {
-    ssize_t k = ::send(p.fd, msg.data() + p.sent, msg.size() - p.sent, MSG_NOSIGNAL);
-    if (k > 0) { p.sent += k; continue; }
-    if (k < 0 && errno == EINTR) continue;
-    if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;
-    *err = peer_error(p.rank, "lost the connection to");
-    return false;
-  }
-  return true;
+std::string name_of(const std::string& key, int64_t n) {
+  return key + " (" + std::to_string(n) + " values)";
 }
 
-// Advances the receive from `p`: the header first, which says how much follows. Reads no
-// byte past this message (the peer may already have sent its next one).
-bool recv_some(Peer& p, std::string* err) {
-  for (;;) {
-    size_t want = sizeof(Header);
-    if (p.got >= sizeof(Header)) {
-      Header h;
-      std::memcpy(&h, p.in.data(), sizeof h);
-      if (h.magic != kMagic) { *err = peer_error(p.rank, "garbled message from"); return false; }
-      want += h.key_len + h.payload_len;
-    }
-    if (p.got == want && p.got > sizeof(Header)) return true;
-    if (p.in.size() < want) p.in.resize(want);
-    ssize_t k = ::recv(p.fd, p.in.data() + p.got, want - p.got, 0);
-    if (k > 0) { p.got += k; continue; }
-    if (k < 0 && errno == EINTR) continue;
-    if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;
-    *err = peer_error(p.rank, k == 0 ? "connection closed (worker ended?) by" : "lost the connection to");
-    return false;
-  }
-}
-
-bool received(const Peer& p) {
-  if (p.got < sizeof(Header)) return false;
-  Header h;
-  std::memcpy(&h, p.in.data(), sizeof h);
-  return p.got == sizeof(Header) + h.key_len + h.payload_len;
-}
-
-std::vector<int> group_of(const std::string& ranks, int size) {
-  std::vector<int> g;
-  if (ranks.empty()) {
-    for (int r = 0; r < size; ++r) g.push_back(r);
-    return g;
-  }
-  std::stringstream s(ranks);
-  std::string item;
-  while (std::getline(s, item, ',')) g.push_back(std::stoi(item));
-  return g;
+uint32_t remember(Engine& e, const std::string& key, int64_t n) {
+  const uint32_t tag = tag_of(key, n);
+  e.names.emplace(tag, name_of(key, n));
+  return tag;
 }
 
 int64_t now_ns() {
@@ -148,90 +141,81 @@ int64_t now_ns() {
       std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-std::string exchange(const double* data, double* out, int64_t n, const std::string& key,
-                     const std::string& ranks);
-
-// out = sum over the group of each worker's `n` doubles at `data`; returns "" or an error.
-std::string allreduce(const double* data, double* out, int64_t n, const std::string& key,
-                      const std::string& ranks) {
-  const int64_t t0 = now_ns();
-  std::string err = exchange(data, out, n, key, ranks);
-  mesh().ns_inside += now_ns() - t0;
-  return err;
+// Gloo names a failed pair by its peer's address ("[127.0.0.1]:40123"), which on the side that
+// accepted the connection is the peer's outgoing port; the group's pairs say whose it was.
+std::string lost(Group& g, const std::string& what) {
+  std::string who;
+  for (int i = 0; i < g.context->size; ++i)
+    if (i != g.context->rank && !g.context->alive(i))
+      who += (who.empty() ? "" : ", ") + std::to_string(g.ranks[i]);
+  return who.empty() ? what : "lost the connection to rank " + who + " (" + what + ")";
 }
 
-std::string exchange(const double* data, double* out, int64_t n, const std::string& key,
+// out = sum over the group `ranks` of each worker's `n` doubles at `data`; returns "" or an error.
+std::string allreduce(const double* data, double* out, int64_t n, const std::string& key,
                       const std::string& ranks) {
-  Mesh& m = mesh();
-  std::lock_guard<std::mutex> lock(m.mu);
-  const std::vector<int> group = group_of(ranks, m.size);
-  std::vector<Peer> peers;
-  bool member = false;
-  for (int r : group) {
-    if (r < 0 || r >= m.size) return "distbn all-reduce: rank " + std::to_string(r) + " outside the mesh";
-    if (r == m.rank) { member = true; continue; }
-    if (m.fds.empty() || m.fds[r] < 0) return "distbn all-reduce: no mesh (distbn.mesh.connect was not called)";
-    peers.push_back(Peer{r, m.fds[r]});
+  Engine& e = engine();
+  std::lock_guard<std::mutex> lock(e.mu);
+  auto it = e.groups.find(ranks);
+  if (it == e.groups.end() && ranks.empty() && !e.device) {  // one process: a sum over one worker
+    if (out != data) std::memcpy(out, data, n * sizeof(double));
+    return "";
   }
-  if (!member) return "distbn all-reduce: this worker is not in the group " + ranks;
-  m.count++;
+  if (it == e.groups.end())
+    return "distbn all-reduce: no communicator for " +
+           (ranks.empty() ? std::string("all workers") : "ranks " + ranks) +
+           " (distbn.engine.start / add_group was not called on this worker)";
+  Group& g = it->second;
+  if (!g.broken.empty())
+    return "distbn all-reduce: the connections of this group were closed after an earlier "
+           "error (" + g.broken + ")";
+  const int64_t t0 = now_ns();
+  e.count++;
   {
-    std::lock_guard<std::mutex> last_lock(m.last_mu);
-    m.last = key;
+    std::lock_guard<std::mutex> last_lock(e.last_mu);
+    e.last = key;
   }
-  const size_t bytes = static_cast<size_t>(n) * sizeof(double);
-  const Header h{kMagic, static_cast<uint32_t>(key.size()), bytes};
-  m.out.resize(sizeof h + key.size() + bytes);
-  std::memcpy(m.out.data(), &h, sizeof h);
-  std::memcpy(m.out.data() + sizeof h, key.data(), key.size());
-  std::memcpy(m.out.data() + sizeof h + key.size(), data, bytes);
-
+  const uint32_t tag = remember(e, key, n);
   std::string err;
-  std::vector<pollfd> pfds;
-  for (;;) {
-    pfds.clear();
-    for (Peer& p : peers) {
-      if (!send_some(p, m.out, &err) || !recv_some(p, &err)) return err;
-      short ev = (p.sent < m.out.size() ? POLLOUT : 0) | (received(p) ? 0 : POLLIN);
-      if (ev) pfds.push_back(pollfd{p.fd, ev, 0});
+  try {
+    Plan& p = g.plans[n];
+    if (!p.algorithm) {
+      p.buf.resize(n + 1);
+      p.algorithm.reset(new gloo::AllreduceHalvingDoubling<double>(
+          g.context, std::vector<double*>{p.buf.data()}, static_cast<int>(n + 1)));
     }
-    if (pfds.empty()) break;
-    const int64_t t0 = now_ns();
-    int k = ::poll(pfds.data(), pfds.size(), m.timeout_ms);
-    m.ns_waiting += now_ns() - t0;
-    if (k < 0 && errno != EINTR) return std::string("distbn all-reduce: poll: ") + std::strerror(errno);
-    if (k == 0) {
-      std::string who;
-      for (const pollfd& f : pfds)
-        for (const Peer& p : peers) if (p.fd == f.fd) who += " " + std::to_string(p.rank);
-      return "distbn all-reduce: no answer within " + std::to_string(m.timeout_ms / 1000) +
-             " s from rank(s)" + who + " in " + key;
-    }
-  }
-  // Every message is in: check names and sizes, then sum in rank order.
-  for (const Peer& p : peers) {
-    Header ph;
-    std::memcpy(&ph, p.in.data(), sizeof ph);
-    std::string pkey(p.in.data() + sizeof ph, ph.key_len);
-    if (pkey != key || ph.payload_len != bytes) {
+    p.buf[0] = tag;
+    std::memcpy(p.buf.data() + 1, data, n * sizeof(double));
+    p.algorithm->run();
+    const double expected = static_cast<double>(tag) * g.ranks.size();
+    if (p.buf[0] != expected) {
+      // The others' tags sum to buf[0] - tag; when they all agree, that names their collective.
+      const double others = (p.buf[0] - tag) / (g.ranks.size() - 1);
+      auto found = others == std::floor(others) && others > 0 && others < 4294967296.0
+                       ? e.names.find(static_cast<uint32_t>(others)) : e.names.end();
       std::ostringstream s;
-      s << "distbn all-reduce: workers out of step: this worker (rank " << m.rank << ") is in "
-        << key << " (" << n << " values), rank " << p.rank << " in " << pkey << " ("
-        << ph.payload_len / sizeof(double) << " values)";
-      return s.str();
+      s << "distbn all-reduce: workers out of step: this worker (rank " << e.rank << ") is in "
+        << name_of(key, n) << ", "
+        << (found != e.names.end() ? "the others in " + found->second
+                                   : std::string("another worker in a different collective"));
+      err = s.str();
+    } else {
+      std::memcpy(out, p.buf.data() + 1, n * sizeof(double));
     }
+  } catch (const std::exception& ex) {
+    // Gloo's transport is in an unknown state after any exception (docs/errors.md): close the
+    // group's connections, so that its peers fail at once too rather than wait.
+    const bool size_mismatch = dynamic_cast<const gloo::IoException*>(&ex) == nullptr;
+    err = size_mismatch  // EnforceNotMet: a message longer than this worker's
+              ? "distbn all-reduce: workers out of step: this worker (rank " +
+                    std::to_string(e.rank) + ") is in " + name_of(key, n) +
+                    ", another sent a message of another length (" + ex.what() + ")"
+              : "distbn all-reduce: " + lost(g, ex.what()) + " in " + key;
+    g.broken = err;
+    g.context->closeConnections();
   }
-  bool first = true;
-  for (int r : group) {
-    const double* src = data;
-    if (r != m.rank)
-      for (const Peer& p : peers)
-        if (p.rank == r) src = reinterpret_cast<const double*>(p.in.data() + sizeof(Header) + key.size());
-    if (first) std::memcpy(out, src, bytes);
-    else for (int64_t i = 0; i < n; ++i) out[i] += src[i];
-    first = false;
-  }
-  return "";
+  e.ns_inside += now_ns() - t0;
+  return err;
 }
 
 // --- the operator ------------------------------------------------------------------------
@@ -243,24 +227,29 @@ std::string attr_str(const Attrs& a, const char* k) {
   return it == a.end() ? "" : it->second;
 }
 
-MXReturnValue reduce_or_copy(const Attrs& attrs, MXTensor& src, MXTensor& dst, bool training,
-                             const char* phase) {
-  const int64_t n = src.size();
-  if (!training) {
-    std::memcpy(dst.data<double>(), src.data<double>(), n * sizeof(double));
-    return MX_SUCCESS;
-  }
-  const std::string err = allreduce(src.data<double>(), dst.data<double>(), n,
-                                    attr_str(attrs, "key") + phase, attr_str(attrs, "ranks"));
-  if (err.empty()) return MX_SUCCESS;
+MXReturnValue fail(const std::string& err) {
   MX_ERROR_MSG << err;
   return MX_FAIL;
+}
+
+// dst = sum of src over the workers (training) or src (prediction); host memory.
+MXReturnValue reduce_or_copy(const Attrs& attrs, const double* src, double* dst, int64_t n,
+                             bool training, const char* phase) {
+  if (!training) {
+    if (dst != src) std::memcpy(dst, src, n * sizeof(double));
+    return MX_SUCCESS;
+  }
+  const std::string err = allreduce(src, dst, n, attr_str(attrs, "key") + phase,
+                                    attr_str(attrs, "ranks"));
+  return err.empty() ? MX_SUCCESS : fail(err);
 }
 
 // in: data, probe   out: sum
 MXReturnValue forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
                       const OpResource&) {
-  return reduce_or_copy(attrs, (*in)[0], (*out)[0], is_training((*in)[1]), "fwd");
+  MXTensor& src = (*in)[0];
+  return reduce_or_copy(attrs, src.data<double>(), (*out)[0].data<double>(), src.size(),
+                        is_training((*in)[1]), "fwd");
 }
 
 // in: d sum, data, probe, sum   out: d data, d probe
@@ -268,28 +257,70 @@ MXReturnValue backward(const Attrs& attrs, std::vector<MXTensor>* in, std::vecto
                        const OpResource&) {
   float* dprobe = (*out)[1].data<float>();
   for (int64_t i = 0; i < (*out)[1].size(); ++i) dprobe[i] = 0.f;
-  return reduce_or_copy(attrs, (*in)[0], (*out)[0], is_training((*in)[2]), "bwd");
+  MXTensor& dsum = (*in)[0];
+  return reduce_or_copy(attrs, dsum.data<double>(), (*out)[0].data<double>(), dsum.size(),
+                        is_training((*in)[2]), "bwd");
 }
 
+#ifdef DISTBN_CUDA
+// GPU workers (never executed here: no GPU): the statistics and the probe's first value are
+// copied to host memory on MXNet's stream, summed as on a CPU worker, and copied back.
+MXReturnValue reduce_on_host(const Attrs& attrs, MXTensor& src, MXTensor& probe, MXTensor& dst,
+                             const OpResource& res, const char* phase) {
+  auto stream = static_cast<cudaStream_t>(res.get_cuda_stream());
+  std::vector<double> host(src.size());
+  float first = 0.f;
+  const size_t bytes = host.size() * sizeof(double);
+  if (cudaMemcpyAsync(&first, probe.data<float>(), sizeof first, cudaMemcpyDeviceToHost, stream) ||
+      cudaMemcpyAsync(host.data(), src.data<double>(), bytes, cudaMemcpyDeviceToHost, stream) ||
+      cudaStreamSynchronize(stream))
+    return fail("distbn all-reduce: copy to host failed");
+  if (reduce_or_copy(attrs, host.data(), host.data(), src.size(), is_training(first), phase) != MX_SUCCESS)
+    return MX_FAIL;
+  if (cudaMemcpyAsync(dst.data<double>(), host.data(), bytes, cudaMemcpyHostToDevice, stream) ||
+      cudaStreamSynchronize(stream))  // `host` is freed on return
+    return fail("distbn all-reduce: copy to device failed");
+  return MX_SUCCESS;
+}
+
+MXReturnValue forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
+                          std::vector<MXTensor>* out, const OpResource& res) {
+  return reduce_on_host(attrs, (*in)[0], (*in)[1], (*out)[0], res, "fwd");
+}
+
+MXReturnValue backward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
+                           std::vector<MXTensor>* out, const OpResource& res) {
+  MXTensor& dprobe = (*out)[1];
+  if (cudaMemsetAsync(dprobe.data<float>(), 0, dprobe.size() * sizeof(float),
+                      static_cast<cudaStream_t>(res.get_cuda_stream())))
+    return fail("distbn all-reduce: memset failed");
+  return reduce_on_host(attrs, (*in)[0], (*in)[2], (*out)[0], res, "bwd");
+}
+#endif
+
 MXReturnValue parse(const Attrs& attrs, int* n_in, int* n_out) {
-  if (attr_str(attrs, "key").empty()) { MX_ERROR_MSG << "distbn_allreduce needs a key"; return MX_FAIL; }
+  if (attr_str(attrs, "key").empty()) return fail("distbn_allreduce needs a key");
   *n_in = 2;
   *n_out = 1;
   return MX_SUCCESS;
 }
 
 MXReturnValue infer_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
-  if ((*in)[0] != kFloat64 || (*in)[1] != kFloat32) {
-    MX_ERROR_MSG << "distbn_allreduce: data must be float64 and probe float32";
-    return MX_FAIL;
-  }
+  if ((*in)[0] != kFloat64 || (*in)[1] != kFloat32)
+    return fail("distbn_allreduce: data must be float64 and probe float32");
   (*out)[0] = kFloat64;
   return MX_SUCCESS;
 }
 
-MXReturnValue infer_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
+MXReturnValue infer_shape(const Attrs& attrs, std::vector<std::vector<unsigned int>>* in,
                           std::vector<std::vector<unsigned int>>* out) {
   (*out)[0] = (*in)[0];
+  // Names for out-of-step messages: every layer of the graph is known before any exchange.
+  int64_t n = 1;
+  for (unsigned int d : (*in)[0]) n *= d;
+  Engine& e = engine();
+  std::lock_guard<std::mutex> lock(e.mu);
+  for (const char* phase : {"fwd", "bwd"}) remember(e, attr_str(attrs, "key") + phase, n);
   return MX_SUCCESS;
 }
 
@@ -299,58 +330,114 @@ REGISTER_OP(distbn_allreduce)
 .setParseAttrs(parse)
 .setInferType(infer_type)
 .setInferShape(infer_shape)
+#ifdef DISTBN_CUDA
+.setForward(forward_gpu, "gpu")
+.setBackward(backward_gpu, "gpu")
+#endif
 .setForward(forward, "cpu")
 .setBackward(backward, "cpu");
 
-// --- the mesh, set up and read from Python (distbn/mesh.py, ctypes) ------------------------
+// --- set up and read from Python (distbn/engine.py, ctypes) ---------------------------------
 extern "C" {
 
-// fds[r]: a connected stream socket to rank r (-1 for `rank` itself); made non-blocking here.
-// timeout_s <= 0: wait for peers without limit.
-int distbn_mesh_attach(int rank, int size, const int* fds, double timeout_s) {
-  Mesh& m = mesh();
-  std::lock_guard<std::mutex> lock(m.mu);
-  m.rank = rank;
-  m.size = size;
-  m.fds.assign(fds, fds + size);
-  m.timeout_ms = timeout_s > 0 ? static_cast<int>(timeout_s * 1000) : -1;
-  for (int r = 0; r < size; ++r) {
-    if (r == rank) continue;
-    int flags = fcntl(m.fds[r], F_GETFL, 0);
-    if (flags < 0 || fcntl(m.fds[r], F_SETFL, flags | O_NONBLOCK) < 0) return errno;
+// Functions that can fail return 0, or 1 with the message in err.
+static int report(const std::string& msg, char* err, int err_len) {
+  std::snprintf(err, err_len, "%s", msg.c_str());
+  return msg.empty() ? 0 : 1;
+}
+
+// The TCP device on `host` (an address of this machine); timeout_s <= 0: none.
+int distbn_engine_init(int rank, int size, const char* host, double timeout_s, char* err, int err_len) {
+  Engine& e = engine();
+  std::lock_guard<std::mutex> lock(e.mu);
+  try {
+    gloo::transport::tcp::attr attr(host);
+    e.device = gloo::transport::tcp::CreateDevice(attr);
+  } catch (const std::exception& ex) {
+    return report(std::string("cannot open a Gloo TCP device on ") + host + ": " + ex.what(), err, err_len);
+  }
+  e.rank = rank;
+  e.size = size;
+  e.timeout = timeout_s > 0 ? std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000))
+                            : gloo::kNoTimeout;
+  return 0;
+}
+
+// Makes the group `ranks` ("" = all workers; this worker must be a member) and a pair for every
+// other member; writes their addresses, `address_len` bytes per member in group order (this
+// worker's own left zero), to `out` (room for `out_len` bytes).
+int distbn_group_listen(const char* ranks, const int* members, int n_members, char* out,
+                        int out_len, int* address_len, char* err, int err_len) {
+  Engine& e = engine();
+  std::lock_guard<std::mutex> lock(e.mu);
+  if (!e.device) return report("distbn_engine_init was not called", err, err_len);
+  Group g;
+  g.ranks.assign(members, members + n_members);
+  int me = -1;
+  for (int i = 0; i < n_members; ++i) if (g.ranks[i] == e.rank) me = i;
+  if (me < 0) return report("this worker is not in the group " + std::string(ranks), err, err_len);
+  try {
+    g.context = std::make_shared<Context>(me, n_members, e.device, e.timeout);
+    *address_len = 0;
+    std::memset(out, 0, out_len);
+    for (int i = 0; i < n_members; ++i) {
+      if (i == me) continue;
+      const std::vector<char> a = g.context->listen(i);
+      if (static_cast<int64_t>(a.size()) * n_members > out_len)
+        return report("address buffer too small", err, err_len);
+      *address_len = static_cast<int>(a.size());
+      std::memcpy(out + static_cast<int64_t>(i) * a.size(), a.data(), a.size());
+    }
+  } catch (const std::exception& ex) {
+    return report(std::string("cannot listen for the group's peers: ") + ex.what(), err, err_len);
+  }
+  e.groups[ranks] = std::move(g);
+  return 0;
+}
+
+// `peers`: for every member in group order, the address it made for its pair with this worker
+// (`address_len` bytes each; this worker's own slot ignored).
+int distbn_group_connect(const char* ranks, const char* peers, int address_len, char* err, int err_len) {
+  Engine& e = engine();
+  std::lock_guard<std::mutex> lock(e.mu);
+  Group& g = e.groups.at(ranks);
+  const int me = g.context->rank;
+  for (int i = 0; i < g.context->size; ++i) {
+    if (i == me) continue;
+    std::vector<char> a(peers + static_cast<int64_t>(i) * address_len,
+                        peers + static_cast<int64_t>(i + 1) * address_len);
+    try {
+      g.context->connect(i, a);
+    } catch (const std::exception& ex) {
+      return report("rank " + std::to_string(e.rank) + " cannot connect to rank " +
+                    std::to_string(g.ranks[i]) + ": " + ex.what(), err, err_len);
+    }
   }
   return 0;
 }
 
-void distbn_mesh_detach() {
-  Mesh& m = mesh();
-  std::lock_guard<std::mutex> lock(m.mu);
-  m.fds.clear();
-  m.size = 1;
-  m.rank = 0;
-}
+long long distbn_engine_count() { return engine().count.load(); }
 
-long long distbn_mesh_count() { return mesh().count.load(); }
-
-// Nanoseconds spent inside collectives, and of those blocked waiting for peers.
-void distbn_mesh_times(long long* inside, long long* waiting) {
-  *inside = mesh().ns_inside.load();
-  *waiting = mesh().ns_waiting.load();
-}
+double distbn_engine_seconds() { return engine().ns_inside.load() * 1e-9; }
 
 // The newest collective's name into buf (for the stall guard's report).
-void distbn_mesh_last(char* buf, int len) {
-  Mesh& m = mesh();
-  std::lock_guard<std::mutex> lock(m.last_mu);
-  std::snprintf(buf, len, "%s", m.last.c_str());
+void distbn_engine_last(char* buf, int len) {
+  Engine& e = engine();
+  std::lock_guard<std::mutex> lock(e.last_mu);
+  std::snprintf(buf, len, "%s", e.last.c_str());
 }
 
-// The same exchange on plain arrays (tests); returns 0, or 1 with the error in err.
-int distbn_mesh_allreduce(const double* data, double* out, long long n, const char* key,
-                          const char* ranks, char* err, int err_len) {
-  const std::string e = allreduce(data, out, n, key, ranks);
-  std::snprintf(err, err_len, "%s", e.c_str());
-  return e.empty() ? 0 : 1;
+// The same exchange on plain arrays (tests, benchmarks).
+int distbn_engine_allreduce(const double* data, double* out, long long n, const char* key,
+                            const char* ranks, char* err, int err_len) {
+  return report(allreduce(data, out, n, key, ranks), err, err_len);
+}
+
+// Makes `key` of `n` values known by name to out-of-step messages before it is first used.
+void distbn_engine_name(const char* key, long long n) {
+  Engine& e = engine();
+  std::lock_guard<std::mutex> lock(e.mu);
+  remember(e, key, n);
 }
 
 }  // extern "C"

@@ -6,6 +6,7 @@
 #include <cmath>
 #include "mxnet/lib_api.h"
 
-inline bool is_training(mxnet::ext::MXTensor& probe) {
-  return std::fabs(probe.data<float>()[0]) < 2.f;
-}
+// `first`: the probe's first value (read from host memory).
+inline bool is_training(float first) { return std::fabs(first) < 2.f; }
+
+inline bool is_training(mxnet::ext::MXTensor& probe) { return is_training(probe.data<float>()[0]); }

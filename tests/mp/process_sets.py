@@ -1,4 +1,4 @@
-"""Worker (-np 4, HOROVOD_DYNAMIC_PROCESS_SETS=1): two groups {0,1} and {2,3}.
+"""Worker (-np 4): two groups {0,1} and {2,3}, each a communicator of the sync engine.
 
 Each rank holds a batch whose mean depends on its group. Within a group the statistics (and
 so the moving mean) must be those of the group's joint batch, identical on both members and

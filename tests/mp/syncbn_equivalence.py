@@ -124,7 +124,7 @@ def main():
     if comm.collectives != before:
         print("MISMATCH: prediction mode issued a collective", flush=True)
         ok = False
-    via = "mesh" if comm.mesh else "horovod" if size > 1 else "none"
+    via = "gloo" if comm.engine else "none"
     print(f"rank {rank}/{size} sizes={sizes} ndim={args.ndim} via={via} hybridized={args.hybridize}: "
           f"{'OK' if ok else 'FAILED'}", flush=True)
     sys.exit(0 if ok else 1)

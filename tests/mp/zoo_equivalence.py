@@ -162,7 +162,7 @@ def main():
           f"error/floor outputs {max(ratios[:n_out]):.3g}, parameters max "
           f"{max(ratios[n_out:]):.3g} median {np.median(ratios[n_out:]):.3g} L2 {l2:.3g} "
           f"(largest floor {rel_floor:.2g} of scale); collectives/step {counts[0]}"
-          f"{' via mesh' if comm and comm.mesh else ''}: "
+          f"{' via gloo' if comm and comm.engine else ''}: "
           f"{'OK' if ok else 'FAILED'}", flush=True)
     sys.exit(0 if ok else 1)
 

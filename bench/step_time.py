@@ -10,8 +10,8 @@ with static_alloc and static_shape as users would, and trained on random 1x28x28
 step by step (forward, backward, trainer step), so a drifting machine load hits all alike.
 Reported: median step time over all rounds per kind, the ratio of medians to Gluon's, and the
 median of the per-round ratios, rank 0's clock; with several workers, the mean time per step
-rank 0 spent inside the sync layers' collectives (mesh_ms) and, of it, blocked waiting for the
-other workers' messages (mesh_wait_ms). A step ends when every worker's gradients are
+rank 0 spent inside the sync layers' collectives (engine_ms: Gloo all-reduces, waiting for the
+other workers included). A step ends when every worker's gradients are
 all-reduced, so rank 0's time is the job's.
 """
 import argparse
@@ -23,7 +23,7 @@ import numpy as np
 import mxnet as mx
 from mxnet import autograd, gluon, nd
 
-from distbn import mesh
+from distbn import engine
 from distbn.comm import get_comm
 from distbn.models import build, finish_shapes
 
@@ -41,9 +41,9 @@ def make(arch, bn, comm, batch):
     return net, comm.trainer(net.collect_params(), "sgd", opt)
 
 
-def mesh_seconds(comm):
-    """(inside, waiting) seconds of the sync layers' mesh so far; zeros without a mesh."""
-    return mesh.times() if comm.mesh else (0.0, 0.0)
+def engine_seconds(comm):
+    """Seconds inside the sync layers' collectives so far; zero without the engine."""
+    return engine.seconds() if comm.engine else 0.0
 
 
 def run_steps(net, trainer, x, y, n):
@@ -69,14 +69,13 @@ def bench(arch, kinds, comm, global_batch, rounds, steps, warmup):
         run_steps(*nets[k], x, y, warmup)
     samples = {k: [] for k in kinds}
     per_round = {k: [] for k in kinds}
-    in_mesh = {k: [0.0, 0.0] for k in kinds}  # seconds inside mesh collectives, waiting there
+    in_engine = {k: 0.0 for k in kinds}  # seconds inside the sync layers' collectives
     for _ in range(rounds):
         med = {}
         for k in kinds:
-            before = mesh_seconds(comm)
+            before = engine_seconds(comm)
             t = run_steps(*nets[k], x, y, steps)
-            after = mesh_seconds(comm)
-            in_mesh[k] = [s + a - b for s, a, b in zip(in_mesh[k], after, before)]
+            in_engine[k] += engine_seconds(comm) - before
             samples[k] += t
             med[k] = statistics.median(t)
         for k in kinds:
@@ -88,10 +87,8 @@ def bench(arch, kinds, comm, global_batch, rounds, steps, warmup):
             **{f"{k}_vs_{kinds[0]}": round(ms[k] / ms[kinds[0]], 3) for k in kinds[1:]},
             **{f"{k}_vs_{kinds[0]}_round_median": round(statistics.median(per_round[k]), 3)
                for k in kinds[1:]},
-            **{f"{k}_mesh_ms": round(in_mesh[k][0] * 1e3 / (rounds * steps), 2)
-               for k in kinds if comm.mesh},
-            **{f"{k}_mesh_wait_ms": round(in_mesh[k][1] * 1e3 / (rounds * steps), 2)
-               for k in kinds if comm.mesh}}
+            **{f"{k}_engine_ms": round(in_engine[k] * 1e3 / (rounds * steps), 2)
+               for k in kinds if comm.engine}}
 
 
 def main():

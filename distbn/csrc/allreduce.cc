@@ -19,7 +19,10 @@
 // peer (distbn_group_listen), hands the addresses out, then connects (distbn_group_connect).
 // The pairs run in Gloo's synchronous mode: the engine thread that runs the operator reads the
 // socket itself, with no hand-off to Gloo's event-loop thread, and any error (a lost peer, a
-// message of the wrong size) is thrown in that thread and becomes the operator's error.
+// message of the wrong size) is thrown in that thread and becomes the operator's error. A
+// waiting read sleeps rather than spins (Gloo's busy-poll): measured at 2 workers on 2 cores,
+// spinning took one all-reduce from 136 to 30 us, but a ResNet-18 step from 1.3x to 2.3-3.0x
+// Gluon's, as the spinning thread takes the core from Horovod's gradient all-reduce.
 //
 // Out-of-step workers: every exchange carries one more value in front, a tag hashed from the
 // collective's name and length; after the sum it must be exactly size * tag (integers below
@@ -78,6 +81,7 @@ class Context : public gloo::Context {
     pair->connect(address);
     pair->setSync(true, false);
   }
+
   // Whether the pair with `peer` still stands: Gloo closes a pair whose connection failed, and
   // asking a closed pair for synchronous mode (which the others already have) throws.
   bool alive(int peer) {

@@ -37,23 +37,36 @@ def _mxnet_dir() -> Path:
     return Path(mxnet.__file__).resolve().parent
 
 
-def cuda_flags() -> list:
-    """Flags that compile the all-reduce's GPU lines (``DISTBN_CUDA``: staging through host
-    memory): CUDA's runtime headers and library from ``CUDA_HOME``, ``/usr/local/cuda``, or
-    PyPI's ``nvidia-cuda-runtime-cu11``. Raises when none is there."""
-    roots = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+def pypi_cuda() -> list:
+    """The folders of PyPI's CUDA 11.8 wheels, or [] without them: ``nvidia-cuda-runtime-cu11``
+    (cuda_runtime_api.h, libcudart) and ``nvidia-cuda-nvcc-cu11`` (the crt/ headers it includes)."""
     try:
+        import nvidia.cuda_nvcc
         import nvidia.cuda_runtime
-        roots.append(list(nvidia.cuda_runtime.__path__)[0])
     except ImportError:
-        pass
-    for root in filter(None, roots):
-        inc, lib = Path(root) / "include", Path(root) / ("lib64" if (Path(root) / "lib64").is_dir() else "lib")
-        runtime = sorted(lib.glob("libcudart.so*"))
-        if (inc / "cuda_runtime_api.h").is_file() and runtime:
-            return ["-DDISTBN_CUDA", f"-I{inc}", f"-L{lib}", f"-Wl,-rpath,{lib}", f"-l:{runtime[0].name}"]
+        return []
+    return [list(m.__path__)[0] for m in (nvidia.cuda_runtime, nvidia.cuda_nvcc)]
+
+
+def cuda_flags(installs=None) -> list:
+    """Flags that compile the all-reduce's GPU lines (``DISTBN_CUDA``: staging through host
+    memory) against the first CUDA install of ``installs`` (each a list of folders with
+    ``include/`` and ``lib*/``) that has the runtime's header and library; by default
+    ``CUDA_HOME``, ``/usr/local/cuda``, then PyPI's wheels (:func:`pypi_cuda`). Raises when
+    none has."""
+    if installs is None:
+        installs = [[os.environ.get("CUDA_HOME", "")], ["/usr/local/cuda"], pypi_cuda()]
+    for folders in installs:
+        dirs = [Path(f) for f in folders if f]
+        incs = [d / "include" for d in dirs if (d / "include").is_dir()]
+        libs = [lib for d in dirs for lib in (d / "lib64", d / "lib") if lib.is_dir()]
+        runtime = [r for lib in libs for r in sorted(lib.glob("libcudart.so*"))]
+        if any((i / "cuda_runtime_api.h").is_file() for i in incs) and runtime:
+            lib = runtime[0].parent
+            return ["-DDISTBN_CUDA", *(f"-I{i}" for i in incs), f"-L{lib}", f"-Wl,-rpath,{lib}",
+                    f"-l:{runtime[0].name}"]
     raise RuntimeError("MXNet is a CUDA build but no CUDA runtime headers were found "
-                       "(set CUDA_HOME, or pip install nvidia-cuda-runtime-cu11)")
+                       "(set CUDA_HOME to the CUDA toolkit)")
 
 
 def _device_flags() -> list:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install distbn into ./.venv on a fresh machine: MXNet (CPU or CUDA 11.2 build), Horovod
-# compiled against it (MXNet + Gloo, plus NCCL on GPU machines), then distbn itself.
+# Install distbn into ./.venv on a fresh machine: Gloo's headers and library (Debian's
+# libgloo-dev, for distbn's sync all-reduce), MXNet (CPU or CUDA 11.2 build), Horovod compiled
+# against it (MXNet + Gloo, plus NCCL on GPU machines), then distbn itself.
 #
 #   launch/install.sh            # auto: CUDA build if `nvidia-smi -L` lists a GPU, else CPU
 #   DISTBN_DEVICE=gpu launch/install.sh   # force mxnet-cu112 (needs CUDA 11.2, cuDNN 8, NCCL 2)
@@ -42,7 +43,7 @@ esac
 # Everything that decides the result of an install goes into the stamp.
 stamp_file="$VENV/.distbn-install-stamp"
 stamp=$( { echo "$device $EXTRAS $HOROVOD_VERSION $MXNET_VERSION";
-           cat pyproject.toml constraints.txt launch/install.sh distbn/csrc/*.cc; } | sha256sum | cut -d' ' -f1)
+           cat pyproject.toml constraints.txt launch/install.sh distbn/csrc/*; } | sha256sum | cut -d' ' -f1)
 
 verify() {
   # --check-build must list MXNet and Gloo as built; the import proves the extension loads.
@@ -52,6 +53,18 @@ verify() {
   grep -q '\[X\] Gloo' <<<"$out" || { echo "$out" >&2; echo "Horovod was built without Gloo" >&2; return 1; }
   "$VENV/bin/python" -W ignore -c 'import horovod.mxnet as hvd, distbn; hvd.init(); assert hvd.size() == 1'
 }
+
+# Gloo for distbn's own operator (Horovod builds its own copy from its sources, internally).
+if [ ! -f /usr/include/gloo/allreduce_halving_doubling.h ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing Debian's libgloo-dev (Gloo, the sync layers' collective library)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev >/dev/null; } ||
+      die "apt-get install libgloo-dev failed"
+  else
+    die "Gloo's headers are missing: run 'sudo apt-get install libgloo-dev' (Debian 12 / Ubuntu 22.04 and later), then again"
+  fi
+fi
 
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && verify; then
   log "up to date ($device build in $VENV)"
@@ -98,7 +111,7 @@ log "installing distbn (editable) with extras [$EXTRAS]"
 
 log "building distbn's C++ batch-norm operators (distbn/csrc) against the installed MXNet"
 "$VENV/bin/python" -W ignore -c 'from distbn import native; native.load(); print(native.library_path())' ||
-  die "could not build distbn/csrc/batch_norm.cc (needs g++; see the message above)"
+  die "could not build distbn/csrc (needs g++ and libgloo-dev; see the message above)"
 verify || die "verification failed: Horovod cannot run with MXNet in $VENV"
 echo "$stamp" > "$stamp_file"
 log "done ($device build in $VENV)"

@@ -42,7 +42,6 @@ if [ $quick = 1 ]; then
   coll=(--repeat 10)
   phases=(--steps 20)
   steps=(--rounds 3 --steps 5)
-  cost=(1 3)
 else
   layer=(--batch 64 256 --repeat 30)
   thru=(--workers 1 2 4 --repeat 3)
@@ -51,7 +50,6 @@ else
   coll=(--repeat 40)
   phases=(--steps 50)
   steps=(--rounds 9 --steps 10)
-  cost=(2 9)
 fi
 
 cd "$here"
@@ -68,7 +66,6 @@ for n in 1 2 4; do
   step "step_time x$n" workers "$n" "${launcher[@]}" "$py" bench/step_time.py "${steps[@]}" \
     --json "$out/data/step_time_$n.json"
 done
-step sync_cost bash bench/sync_cost.sh "$out/data/sync_cost.json" "${cost[@]}"
 step throughput "$py" bench/throughput.py "${thru[@]}" --json "$out/data/throughput.json" \
   --plot "$out/img/throughput.png"
 step book_path "$py" bench/book_path.py "${book[@]}" --json "$out/data/book_path.json"

@@ -23,6 +23,7 @@ class ModelConfig:
     arch: str = "lenet"       # lenet (the book's) or a mxnet.gluon.model_zoo.vision name
     bn: str = "sync"          # sync | custom | gluon | none (lenet only), for every BN layer
     hybridize: bool = True    # compile the whole network, BN layers included
+    bn_group: int = 0         # sync BN within groups of this many consecutive ranks; 0: all workers
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def _validate(cfg: Config) -> Config:
          "must be lenet or a mxnet.gluon.model_zoo.vision name, e.g. resnet18_v1"),
         (cfg.model.arch == "lenet" or cfg.model.bn != "none", "model.bn",
          "none is for lenet only (model-zoo networks keep their BN layers)"),
+        (cfg.model.bn_group >= 0, "model.bn_group", "must be 0 (all workers) or a group size"),
         (cfg.train.epochs >= 1, "train.epochs", "must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1"),
         (cfg.train.lr > 0 and cfg.train.lr == cfg.train.lr and cfg.train.lr != float("inf"),

@@ -24,14 +24,14 @@ def known_arch(arch: str) -> bool:
     return True
 
 
-def build(arch: str = "lenet", bn: str = "sync") -> gluon.HybridBlock:
-    """``arch`` with batch norm ``bn``: ``sync`` (distbn.SyncBatchNorm), ``custom``
-    (distbn.BatchNorm, this worker's statistics), ``gluon`` (gluon.nn.BatchNorm) or ``none``
-    (LeNet only: no batch norm)."""
+def build(arch: str = "lenet", bn: str = "sync", process_set=None) -> gluon.HybridBlock:
+    """``arch`` with batch norm ``bn``: ``sync`` (distbn.SyncBatchNorm over all workers, or
+    over ``process_set``), ``custom`` (distbn.BatchNorm, this worker's statistics), ``gluon``
+    (gluon.nn.BatchNorm) or ``none`` (LeNet only: no batch norm)."""
     if bn not in BN_CHOICES:
         raise ValueError(f"model.bn must be one of {', '.join(BN_CHOICES)}, got {bn!r}")
     if arch == "lenet":
-        return lenet(bn)
+        return lenet(bn, process_set)
     if bn == "none":
         raise ValueError("model.bn=none is for lenet only: model-zoo networks keep their BN layers")
     try:
@@ -39,7 +39,8 @@ def build(arch: str = "lenet", bn: str = "sync") -> gluon.HybridBlock:
     except ValueError:
         raise ValueError(f"model.arch must be lenet or a model-zoo vision name (e.g. "
                          f"resnet18_v1), got {arch!r}") from None
-    return net if bn == "gluon" else convert_batchnorm(net, _BN_CLASSES[bn])
+    extra = {"process_set": process_set} if bn == "sync" else {}
+    return net if bn == "gluon" else convert_batchnorm(net, _BN_CLASSES[bn], **extra)
 
 
 def finish_shapes(net: gluon.HybridBlock, x) -> None:
@@ -52,16 +53,18 @@ def finish_shapes(net: gluon.HybridBlock, x) -> None:
         p._finish_deferred_init()
 
 
-def lenet(bn: str = "sync") -> gluon.nn.HybridSequential:
+def lenet(bn: str = "sync", process_set=None) -> gluon.nn.HybridSequential:
     """LeNet-5 for 1x28x28 input: conv(6,5) BN sigmoid pool, conv(16,5) BN sigmoid pool,
     dense(120) BN sigmoid, dense(84) BN sigmoid, dense(10). ``bn='none'`` drops the four BN
-    layers."""
+    layers; sync layers sync over ``process_set`` (None: all workers)."""
     net = gluon.nn.HybridSequential()
 
     def block(layer, channels, num_dims, pool):
         net.add(layer)
         if bn == "gluon":
             net.add(gluon.nn.BatchNorm(in_channels=channels))
+        elif bn == "sync":
+            net.add(SyncBatchNorm(channels, num_dims, process_set=process_set))
         elif bn != "none":
             net.add(_BN_CLASSES[bn](channels, num_dims))
         net.add(gluon.nn.Activation("sigmoid"))

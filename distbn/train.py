@@ -137,14 +137,26 @@ def device(comm):
     return mx.gpu(comm.local_rank % n) if n > 0 else mx.cpu()
 
 
-def build_model(cfg: Config, ctx):
+def bn_group(cfg: Config, comm):
+    """This worker's group for sync BN (``model.bn_group`` consecutive ranks), or None for all
+    workers. Every worker makes every group, in the same order."""
+    k = cfg.model.bn_group or comm.size
+    if comm.size % k:
+        raise ConfigError(f"model.bn_group {k} does not divide the {comm.size} workers")
+    if k == comm.size:
+        return None
+    groups = [comm.group(range(first, first + k)) for first in range(0, comm.size, k)]
+    return groups[comm.rank // k]
+
+
+def build_model(cfg: Config, ctx, process_set=None):
     """The configured network, initialized (every shape known, so rank 0's values can be
-    broadcast) and hybridized when asked."""
+    broadcast) and hybridized when asked; sync layers sync over ``process_set``."""
     import mxnet as mx
     from .models import build, finish_shapes
 
     mx.random.seed(cfg.train.seed)  # identical everywhere; rank 0's values are broadcast anyway
-    net = build(cfg.model.arch, cfg.model.bn)
+    net = build(cfg.model.arch, cfg.model.bn, process_set)
     net.initialize(mx.init.Xavier(), ctx=ctx)
     if cfg.model.hybridize:
         net.hybridize(static_alloc=True)
@@ -302,7 +314,7 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
         raise ConfigError(f"data.limit {len(data.train_x)} gives fewer examples than workers")
     ctx = device(comm)
     np.random.seed(cfg.train.seed + comm.rank)
-    net = build_model(cfg, ctx)
+    net = build_model(cfg, ctx, bn_group(cfg, comm))
     # Rank 0 makes and checks the run directory before the first collective: if it cannot,
     # it stops, and the others stop with it at that collective.
     log = open_run_log(comm.rank == 0, run_dir, dump_config(cfg), cfg.to_dict(),
@@ -324,7 +336,9 @@ def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -
     comm.broadcast_parameters(net.collect_params(), prefix="distbn.resume")
     via = " over Gloo" if comm.engine else ""
     log.info(f"{cfg.name}: {cfg.model.arch}, {comm.size} worker(s) on {ctx}, bn={cfg.model.bn}"
-             f"{via if cfg.model.bn == 'sync' else ''}, global batch "
+             f"{via if cfg.model.bn == 'sync' else ''}"
+             f"{f' in groups of {cfg.model.bn_group}' if cfg.model.bn == 'sync' and cfg.model.bn_group else ''}"
+             f", global batch "
              f"{cfg.train.batch_size} ({cfg.train.batch_size // comm.size} per worker), "
              f"{len(data.train_x)} training examples, run dir {run_dir}")
     last = None

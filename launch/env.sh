@@ -17,12 +17,12 @@ fi
 # and OMP_NUM_THREADS=2, two concurrent OpenBLAS calls from the bundled libopenblas spun
 # forever here (distbn's channel sums are independent matrix-vector products).
 
-# Horovod: SyncBatchNorm's own collectives go over distbn's mesh (distbn/mesh.py), not through
-# Horovod, which is left one gradient all-reduce per step (and broadcasts, metrics). Its
-# background thread wakes every cycle and, with Gloo, talks to the other workers each time even
-# when idle: measured here, an idle worker used 1.46 s of CPU in 3 s at a 0.1 ms cycle, 0.31-0.36 s
-# at 1 ms, 0.19-0.21 s at 5 ms -- CPU taken from compute on a machine with as many workers as
-# cores. 5 ms was also the fastest for both Gluon's and distbn's LeNet step at 2 workers
-# (bench/step_time.py, docs/results.md).
+# Horovod: no sync-BN path goes through Horovod (SyncBatchNorm's all-reduces run on distbn's own
+# Gloo contexts, distbn/engine.py); Horovod carries one gradient all-reduce per step (and
+# broadcasts, metrics). Its background thread wakes every cycle and, with Gloo, talks to the
+# other workers each time even when idle: measured here, an idle worker used 1.46 s of CPU in
+# 3 s at a 0.1 ms cycle, 0.31-0.36 s at 1 ms, 0.19-0.21 s at 5 ms -- CPU taken from compute on a
+# machine with as many workers as cores. 5 ms was also the fastest for both Gluon's and
+# distbn's LeNet step at 2 workers (bench/step_time.py, docs/results.md).
 export HOROVOD_CYCLE_TIME=${HOROVOD_CYCLE_TIME:-5}
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::DeprecationWarning}

@@ -177,3 +177,22 @@ def test_model_zoo_network_trains_with_histograms_for_every_bn_layer(tmp_path, n
     assert {f"bn{i}/{p}" for i in range(20) for p in ("gamma", "beta", "running_mean",
                                                        "running_var")} <= tags, sorted(tags)
     assert "bn20/gamma" not in tags  # ResNet-18 v1 has exactly 20 BN layers
+
+
+@pytest.mark.multiproc
+def test_bn_groups_sync_within_groups_only(tmp_path):
+    """model.bn_group=2 at 4 workers: the two groups' moving statistics differ from each other
+    (rank 0 against ranks 2 and 3), while a group as large as the job equals no grouping; a
+    group size that does not divide the workers is refused."""
+    grouped, _, out = train(tmp_path, "grouped", np_=4, extra=["--set", "model.bn_group=2",
+                                                              "--set", "train.epochs=1"])
+    assert "over Gloo in groups of 2" in out, out[-2000:]
+    summary = json.loads((grouped / "summary.json").read_text())
+    assert summary["param_max_deviation_across_workers"] == 0.0
+    assert summary["moving_stats_max_deviation_across_workers"] > 1e-6
+    whole, _, _ = train(tmp_path, "whole", np_=4, extra=["--set", "model.bn_group=4",
+                                                        "--set", "train.epochs=1"])
+    assert json.loads((whole / "summary.json").read_text())[
+        "moving_stats_max_deviation_across_workers"] == 0.0
+    _, code, out = train(tmp_path, "bad", np_=4, extra=["--set", "model.bn_group=3"], check=False)
+    assert code != 0 and "model.bn_group 3 does not divide the 4 workers" in out, out[-2000:]

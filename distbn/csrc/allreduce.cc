@@ -31,6 +31,7 @@
 //
 // The engine runs one operator at a time on its CPU thread (MXNet's default), in the graph's
 // order, which is the same on every worker; the mutex makes concurrent engine threads safe.
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>

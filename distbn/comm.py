@@ -123,11 +123,13 @@ class Comm:
 
     @property
     def last_collective(self) -> str:
-        """The newest collective's name (the stall guard reports it)."""
+        """The newest collectives' names, quoted (the stall guard reports them): the sync
+        layers' engine and Horovod run apart, so a stall may sit in either."""
+        horovod = repr(self._last_issued) if self._last_issued else "none"
         synced = _engine.last() if self.engine else ""
         if not synced:
-            return self._last_issued
-        return f"{synced} (sync layers' engine; newest through Horovod: {self._last_issued or 'none'})"
+            return horovod
+        return f"{synced!r} on the sync layers' engine, {horovod} through Horovod"
 
     # --- helpers -----------------------------------------------------------------------
     def _issued(self, name: str) -> None:

@@ -305,7 +305,7 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
 
     comm = get_comm()
     watchdog = Watchdog(cfg.train.stall_timeout if comm.size > 1 else 0,
-                        lambda: f"rank {comm.rank} (last collective {comm.last_collective!r})")
+                        lambda: f"rank {comm.rank} (last collective {comm.last_collective})")
     if cfg.train.batch_size % comm.size:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by the "
                           f"{comm.size} workers")

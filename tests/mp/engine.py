@@ -58,7 +58,7 @@ if comm.rank in group.ranks:
     check("group sum", np.array_equal(got, np.full(5, float(sum(group.ranks)))))
 exchanged = comm.rank in group.ranks and len(group.ranks) > 1  # a group of one exchanges nothing
 check("count", comm.collectives == before + exchanged)
-check("last name", comm.last_collective.startswith("group" if exchanged else "big"))
+check("last name", comm.last_collective.startswith("'group'" if exchanged else "'big'"))
 
 pair = comm.group([0, 1])
 if comm.rank < 2:  # ranks 0 and 1 disagree about which collective comes next

@@ -8,7 +8,7 @@ from distbn.comm import get_comm
 from distbn.watchdog import Watchdog
 
 comm = get_comm()
-dog = Watchdog(5.0, lambda: f"rank {comm.rank} (last collective {comm.last_collective!r})")
+dog = Watchdog(5.0, lambda: f"rank {comm.rank} (last collective {comm.last_collective})")
 comm.allreduce_sum(nd.ones(3), name="test.warm").asnumpy()
 dog.beat("warm-up")
 if comm.rank == 1:

@@ -11,7 +11,18 @@
 // The algorithm is Gloo's halving-doubling all-reduce (gloo::AllreduceHalvingDoubling): log2(N)
 // latency steps, and about twice the vector's bytes sent per worker whatever N (an all-to-all
 // sends N - 1 copies). Every element is reduced on one worker and then copied to the others, so
-// all workers get bitwise the same sums (their running statistics stay identical).
+// all workers get bitwise the same sums (their running statistics stay identical). In groups of
+// two it is Gloo's ring (gloo::AllreduceRing), which there is one exchange of the whole vector
+// plus a one-int notification, against halving-doubling's two half-vector exchanges with a
+// notification between them: the same bytes, one wait for the peer instead of three. Measured
+// at 2 workers on 2 cores (bench/step_time.py, docs/results.md), it halved the time a ResNet-18
+// step spends in the exchange. Each worker adds the other's vector to its own, and a + b == b + a
+// in floating point, so the two workers' sums are still bitwise the same (tests/mp/engine.py).
+// Only up to kRingBytes: in Gloo's synchronous mode a send blocks until the socket has taken
+// it, and both workers send the whole vector at once, so it must fit in the send buffer Gloo
+// asks for (Linux grants at least twice the default wmem_max of 212,992 bytes) or both block
+// for ever. Longer vectors (no BN layer's statistics are) take halving-doubling, whose
+// simultaneous sends are halves; tests/mp/engine.py sums 8 MB that way.
 //
 // Communicators: one Gloo context over all workers, and one per process set (`ranks`), all on
 // one TCP device. Gloo's own rendezvous needs a key-value store; here the pairs' addresses are
@@ -46,6 +57,7 @@
 #include <vector>
 
 #include <gloo/allreduce_halving_doubling.h>
+#include <gloo/allreduce_ring.h>
 #include <gloo/common/error.h>
 #include <gloo/context.h>
 #include <gloo/transport/tcp/address.h>
@@ -95,9 +107,11 @@ class Context : public gloo::Context {
   }
 };
 
+constexpr size_t kRingBytes = 212992;  // see the top of the file: 26,624 doubles, C <= 13,311
+
 struct Plan {  // one all-reduce of a given length in a group, run as often as needed
   std::vector<double> buf;  // [tag, data...]
-  std::unique_ptr<gloo::AllreduceHalvingDoubling<double>> algorithm;
+  std::unique_ptr<gloo::Algorithm> algorithm;
 };
 
 struct Group {
@@ -186,8 +200,12 @@ std::string allreduce(const double* data, double* out, int64_t n, const std::str
     Plan& p = g.plans[n];
     if (!p.algorithm) {
       p.buf.resize(n + 1);
-      p.algorithm.reset(new gloo::AllreduceHalvingDoubling<double>(
-          g.context, std::vector<double*>{p.buf.data()}, static_cast<int>(n + 1)));
+      std::vector<double*> ptrs{p.buf.data()};
+      const int count = static_cast<int>(n + 1);
+      if (g.ranks.size() == 2 && count * sizeof(double) <= kRingBytes)  // see the top of the file
+        p.algorithm.reset(new gloo::AllreduceRing<double>(g.context, ptrs, count));
+      else
+        p.algorithm.reset(new gloo::AllreduceHalvingDoubling<double>(g.context, ptrs, count));
     }
     p.buf[0] = tag;
     std::memcpy(p.buf.data() + 1, data, n * sizeof(double));

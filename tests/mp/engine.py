@@ -43,6 +43,10 @@ n = comm.size
 got = engine.allreduce(np.full(33, comm.rank + 1.0), "small")
 check("small sum", np.array_equal(got, np.full(33, n * (n + 1) / 2)))
 
+# The same bits on every rank, under the engine's ring (2 workers, short) and halving-doubling.
+odd = engine.allreduce(np.random.RandomState(100 + comm.rank).randn(4097), "odd")
+digests = comm.allgather_object(hashlib.sha256(odd.tobytes()).hexdigest())
+check("same bits on every rank (short)", len(set(digests)) == 1)
 rs = np.random.RandomState(comm.rank)
 big = rs.randn(1 << 20)  # 8 MB: larger than the socket buffers
 want = sum(np.random.RandomState(r).randn(1 << 20) for r in range(n))

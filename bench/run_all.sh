@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark of docs/results.md, one after another, JSON + PNG into one folder.
 #
-#   bench/run_all.sh [OUT]            # the full set (~20 min on 2 cores); OUT defaults to docs
+#   bench/run_all.sh [OUT]            # the full set (~35 min on 2 cores); OUT defaults to docs
 #   bench/run_all.sh --quick [OUT]    # reduced settings (~3 min); OUT defaults to runs/bench-quick
 #
 # Needs the bench and book extras (matplotlib, d2l): `make bench` / `make bench-quick` install
@@ -38,6 +38,8 @@ if [ $quick = 1 ]; then
   layer=(--batch 64 --repeat 10 --rounds 2)
   thru=(--workers 1 2 --limit 5120 --repeat 1)
   acc=(--quick)
+  groups=(--quick)
+  bytes_steps=50
   book=(--quick)
   coll=(--repeat 10)
   phases=(--steps 20)
@@ -46,6 +48,8 @@ else
   layer=(--batch 64 256 --repeat 30)
   thru=(--workers 1 2 4 --repeat 3)
   acc=()
+  groups=(--batch 4 --seeds 0 1 2 3)
+  bytes_steps=200
   book=(--epochs 5)
   coll=(--repeat 40)
   phases=(--steps 50)
@@ -71,4 +75,15 @@ step throughput "$py" bench/throughput.py "${thru[@]}" --json "$out/data/through
 step book_path "$py" bench/book_path.py "${book[@]}" --json "$out/data/book_path.json"
 step accuracy_vs_batch "$py" bench/accuracy_vs_batch.py "${acc[@]}" \
   --json "$out/data/accuracy_vs_batch.json" --plot "$out/img/accuracy_vs_batch.png"
+step bn_group "$py" bench/bn_group.py "${groups[@]}" --json "$out/data/bn_group.json"
+step sync_bytes_model "$py" bench/sync_bytes.py --model --json "$out/data/sync_bytes_model.json"
+if unshare -n true 2>/dev/null; then  # loopback bytes need a network namespace of their own
+  for n in 2 4 8; do
+    step "sync_bytes x$n" workers "$n" unshare -n bash -c 'ip link set lo up && HOROVOD_CYCLE_TIME=1000 exec "$@"' _ \
+      timeout 900 "$(dirname "$py")/horovodrun" -np "$n" -H "localhost:$n" "$py" bench/sync_bytes.py \
+      --steps "$bytes_steps" --json "$out/data/sync_bytes_$n.json"
+  done
+else
+  echo "== sync_bytes: skipped, no network namespace (unshare -n needs root)"
+fi
 echo "== all benchmarks done in $SECONDS s; results in $out/data and $out/img"

@@ -75,3 +75,27 @@ def test_step_time_bench_two_workers(tmp_path):
     for r in rows.values():
         assert r["workers"] == 2 and r["gluon_ms"] > 0 and r["sync_ms"] > 0
         assert r["sync_vs_gluon"] == pytest.approx(r["sync_ms"] / r["gluon_ms"], rel=1e-2)
+
+
+@pytest.mark.multiproc
+def test_bn_group_bench_tiny(tmp_path):
+    out = tmp_path / "g.json"
+    python(["bench/bn_group.py", "--workers", "2", "--groups", "1", "2", "--batch", "8",
+            "--seeds", "0", "--limit", "512", "--json", out], timeout=600, env=ENV)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["bn_group"], r["examples_per_statistic"]) for r in rows] == [(1, 8), (2, 16)]
+    for r in rows:
+        assert len(r["test_acc"]) == 1 and 0 < r["test_acc"][0] <= 1
+        assert r["examples_per_second"] and all(v > 0 for v in r["examples_per_second"])
+
+
+def test_sync_bytes_model():
+    _, text = python(["bench/sync_bytes.py", "--model"], timeout=300)
+    rows = [dict(kv.split("=") for kv in line.split(" | ")) for line in text.splitlines()
+            if line.startswith("workers=")]
+    by_n = {int(r["workers"]): r for r in rows}
+    assert sorted(by_n) == [2, 4, 8, 16, 32, 64, 128, 256]
+    # The all-to-all grows with N - 1; Gloo's halving-doubling stays under twice the two-worker bytes.
+    assert float(by_n[256]["all_to_all_MB_per_worker_step"]) > 200 * float(by_n[2]["all_to_all_MB_per_worker_step"])
+    assert float(by_n[256]["gloo_MB_per_worker_step"]) < 2 * float(by_n[2]["gloo_MB_per_worker_step"])
+    assert int(by_n[2]["gloo_latency_steps"]) == int(by_n[2]["all_to_all_latency_steps"])  # the ring

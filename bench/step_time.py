@@ -15,7 +15,6 @@ other workers included). A step ends when every worker's gradients are
 all-reduced, so rank 0's time is the job's.
 """
 import argparse
-import json
 import statistics
 import time
 
@@ -26,6 +25,7 @@ from mxnet import autograd, gluon, nd
 from distbn import engine
 from distbn.comm import get_comm
 from distbn.models import build, finish_shapes
+from report import emit
 
 DEFAULT_BATCH = {"lenet": 256, "resnet18_v1": 64}
 
@@ -105,11 +105,7 @@ def main():
     rows = [bench(a, args.bn, comm, args.global_batch or DEFAULT_BATCH.get(a, 64), args.rounds,
                   args.steps, args.warmup) for a in args.arch]
     if comm.rank == 0:
-        for r in rows:
-            print(" | ".join(f"{k}={v}" for k, v in r.items()))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"rows": rows}, f, indent=1)
+        emit(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ engine's ring sends V in one step (V: a layer's 8 * (1 + 2C) bytes; two exchange
 step; the engine's one-int ready notifications are left out).
 """
 import argparse
-import json
 import math
 import time
 
 import numpy as np
+
+from report import emit
 
 
 def lo_tx_bytes() -> int:
@@ -105,11 +106,7 @@ def main():
         from distbn.comm import get_comm
         if get_comm().rank != 0:
             return
-    for r in rows:
-        print(" | ".join(f"{k}={v}" for k, v in r.items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows}, f, indent=1)
+    emit(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ class BatchNorm(gluon.HybridBlock):
         # MXNet rebuild its operator wrappers (~0.5 s measured here). Whether the layer syncs
         # (and so uses them) is known only when its graph is traced.
         self._native = native.kernels()
+        self._data_dtype = "float32"
         shape = (in_channels,)
 
         def param(name, init, trainable):
@@ -83,7 +84,8 @@ class BatchNorm(gluon.HybridBlock):
         self.running_var = param("running_var", running_variance_initializer, False)
 
     def cast(self, dtype):
-        if np.dtype(dtype).name == "float16":  # as Gluon's BatchNorm: stays float32
+        self._data_dtype = np.dtype(dtype).name  # the data's type (float16: see _narrowed)
+        if self._data_dtype == "float16":  # as Gluon's BatchNorm: parameters stay float32
             dtype = "float32"
         super().cast(dtype)
 
@@ -112,14 +114,37 @@ class BatchNorm(gluon.HybridBlock):
         # (N, C, rest): one view of x for every operator below. MXNet reorders a convolution's
         # output from oneDNN's blocked layout for each operator that reads it (~0.5 ms each
         # at ResNet-18's 64x64x14x14 here); the reshape does it once.
-        x3 = F.reshape(x, (0, 0, -1))
+        dtype = np.dtype(self.running_mean.dtype).name  # the parameters' (Block.cast)
+        x3 = F.reshape(self._widened(F, x, dtype), (0, 0, -1))
         local = stats.local_stats(F, x3, self._native)
-        probe = stats.mode_probe(F, local, running_mean, running_var)
+        probe = stats.mode_probe(F, local, running_mean, running_var, dtype)
         total = allreduce_op(F, local, probe, *sync)
         y3 = stats.normalize(F, x3, total, probe, gamma, beta, running_mean, running_var,
                              eps=self.epsilon, momentum=self.momentum, fix_gamma=self.fix_gamma,
-                             native=self._native)
-        return F.reshape_like(y3, x)
+                             native=self._native, dtype=dtype)
+        return self._narrowed(F, F.reshape_like(y3, x), x, dtype)
+
+    # Half-precision data (float16 after ``net.cast('float16')``, bfloat16 inside a graph
+    # converted by MXNet's AMP) meet float32 parameters, as in MXNet's BatchNorm: the synced
+    # math runs in float32 between two casts, whose gradients come back in the input's type.
+    # float64 data meet float64 parameters (``net.cast('float64')``) and need neither.
+
+    @staticmethod
+    def _widened(F, x, dtype):
+        # amp_cast widens float16/bfloat16 and leaves float32 alone (and float64, which
+        # would then fail the operators' type check with a message naming the parameters).
+        return x if dtype == "float64" else F.amp_cast(x, dtype="float32")
+
+    def _narrowed(self, F, y, x, dtype):
+        """``y`` (float32 or float64) in ``x``'s type."""
+        if dtype == "float64":
+            return y
+        if self._data_dtype == "float16" or getattr(x, "dtype", None) == np.float16:
+            return F.amp_cast(y, dtype="float16")  # oneDNN's amp_multicast rejects float16
+        if getattr(x, "dtype", None) == np.float32:
+            return y
+        # The type is known only when the graph runs: float32, or bfloat16 under AMP.
+        return F.amp_multicast(y, F.BlockGrad(x), num_outputs=2, cast_narrow=True)[0]
 
     def __repr__(self):
         channels = self.gamma.shape[0] or None

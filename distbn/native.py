@@ -115,6 +115,20 @@ def load() -> None:
         build(path)
     mx.library.load(str(path), verbose=False)
     _loaded["path"] = path
+    _tell_amp()
+
+
+OPERATORS = ("distbn_bn_stats", "distbn_bn_apply", "distbn_allreduce")
+
+
+def _tell_amp() -> None:
+    """Lists distbn's operators among those MXNet's AMP leaves in the type they get (it casts
+    an operator it does not know to float32, which would turn the float64 statistics into
+    float32 ones); the layer hands them float32 or float64 itself. AMP reads these lists when
+    it converts a network, and refuses names it does not find in them."""
+    from mxnet.contrib.amp import lists
+    for names in (lists.symbol_bf16.BF16_FP32_FUNCS, lists.symbol_fp16.FP16_FP32_FUNCS):
+        names.extend(op for op in OPERATORS if op not in names)
 
 
 def clib():

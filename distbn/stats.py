@@ -24,21 +24,24 @@ graph serves both): :func:`mode_probe` asks MXNet's BatchNorm, the one operator 
 from __future__ import annotations
 
 import mxnet as mx
+import numpy as np
 
 # |probe| stays ~1 in training and is ~PROBE / sqrt(running_var) in prediction.
 PROBE = 1e15
 
 
-def mode_probe(F, local, running_mean, running_var):
+def mode_probe(F, local, running_mean, running_var, dtype="float32"):
     """(2, C): MXNet's BatchNorm of [-PROBE, +PROBE] per channel with the layer's running
     statistics and momentum 1 (they are read, never changed). In training it normalizes
     with the batch statistics (about -1, +1); in prediction with the running ones (huge).
+    ``dtype``: the running statistics' type (the layer's parameters'), which MXNet's BatchNorm
+    wants its data in too.
 
     The channel count comes from ``local`` (this worker's :func:`local_stats`, a few values):
     MXNet's shape inference for extension operators miscounts inputs whose shape is not known
     at all yet, as the probe's would be if it came from deferred parameters."""
     sums = F.slice_axis(local, axis=0, begin=1, end=None).reshape((2, -1))
-    zero = F.zeros_like(F.cast(F.slice_axis(sums, axis=0, begin=0, end=1).reshape((-1,)), "float32"))
+    zero = F.zeros_like(F.cast(F.slice_axis(sums, axis=0, begin=0, end=1).reshape((-1,)), dtype))
     z = F.stack(zero - PROBE, zero + PROBE, axis=0)
     return F.BlockGrad(F.BatchNorm(z, F.ones_like(zero), zero, running_mean, running_var,
                                    momentum=1.0, fix_gamma=True, axis=1))
@@ -60,14 +63,15 @@ def local_stats(F, x, native: bool):
 
 
 def normalize(F, x, G, probe, gamma, beta, running_mean, running_var, *, eps: float,
-              momentum: float, fix_gamma: bool, native: bool):
+              momentum: float, fix_gamma: bool, native: bool, dtype="float32"):
     """``y`` of batch norm with the statistics in ``G`` (training) or the running ones
     (prediction, per ``probe``); in training the running statistics move towards ``G``'s:
     ``running = momentum * running + (1 - momentum) * batch`` (biased variance).
 
     The input gradient comes in two parts that MXNet adds: through ``x`` here
     (``gamma * invstd * dy``) and through ``G``, back through the all-reduce and
-    :func:`local_stats` (the statistics' share, summed over workers)."""
+    :func:`local_stats` (the statistics' share, summed over workers). ``x`` and the
+    parameters have type ``dtype`` (float32, float64 after ``net.cast('float64')``)."""
     if native:
         return F.distbn_bn_apply(x, G, probe, gamma, beta, running_mean, running_var, eps=eps,
                                  momentum=momentum, fix_gamma=fix_gamma)
@@ -79,7 +83,7 @@ def normalize(F, x, G, probe, gamma, beta, running_mean, running_var, *, eps: fl
     batch_mean = F.slice_axis(sums, axis=0, begin=0, end=1).reshape((-1,))
     batch_var = F.relu(F.slice_axis(sums, axis=0, begin=1, end=2).reshape((-1,))
                        - F.square(batch_mean))
-    batch_mean, batch_var = F.cast(batch_mean, "float32"), F.cast(batch_var, "float32")
+    batch_mean, batch_var = F.cast(batch_mean, dtype), F.cast(batch_var, dtype)
     mean = F.where(training, batch_mean, running_mean)
     var = F.where(training, batch_var, running_var)
     scale = (F.ones_like(gamma) if fix_gamma else gamma) * F.rsqrt(var + eps)
@@ -139,7 +143,7 @@ _RUNNING_OP = "distbn_running_update"
 class _RunningUpdate(mx.operator.CustomOp):
     def __init__(self, momentum: float):
         super().__init__()
-        self._m = momentum
+        self._m = float(np.float32(momentum))  # MXNet's BatchNorm keeps it as a float32
 
     def forward(self, is_train, req, in_data, out_data, aux):
         if is_train:  # running = m * running + (1 - m) * batch

@@ -36,7 +36,7 @@ def test_sync_with_mxnet_operator_statistics(np_):
 
 def test_size_one_equals_plain_bn_without_collective():
     _, out = python([MP / "syncbn_equivalence.py", "--ndim", 4, "--sizes", 9])
-    assert "rank 0/1 sizes=[9] ndim=4 via=none hybridized=False: OK" in out, out
+    assert "rank 0/1 sizes=[9] ndim=4 dtype=float32 via=none hybridized=False: OK" in out, out
 
 
 def test_local_bn_is_caught_by_the_same_check():

@@ -243,6 +243,18 @@ std::string allreduce(const double* data, double* out, int64_t n, const std::str
 
 // --- the operator ------------------------------------------------------------------------
 
+size_t dtype_bytes(const MXTensor& t) { return t.dtype == kFloat64 ? 8 : 4; }  // the probe's
+
+MXReturnValue fail(const std::string& err);
+
+// data float64; probe of the running statistics' type, float32 or float64 (mode.h).
+bool types_ok(const std::vector<MXTensor>& in) {
+  if (in[0].dtype == kFloat64 && (in[1].dtype == kFloat32 || in[1].dtype == kFloat64)) return true;
+  fail("distbn_allreduce: data must be float64 and probe float32 or float64, got type codes " +
+       std::to_string(in[0].dtype) + " and " + std::to_string(in[1].dtype));
+  return false;
+}
+
 using Attrs = std::unordered_map<std::string, std::string>;
 
 std::string attr_str(const Attrs& a, const char* k) {
@@ -271,6 +283,7 @@ MXReturnValue reduce_or_copy(const Attrs& attrs, const double* src, double* dst,
 MXReturnValue forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
                       const OpResource&) {
   MXTensor& src = (*in)[0];
+  if (!types_ok(*in)) return MX_FAIL;
   return reduce_or_copy(attrs, src.data<double>(), (*out)[0].data<double>(), src.size(),
                         is_training((*in)[1]), "fwd");
 }
@@ -278,8 +291,8 @@ MXReturnValue forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector
 // in: d sum, data, probe, sum   out: d data, d probe
 MXReturnValue backward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
                        const OpResource&) {
-  float* dprobe = (*out)[1].data<float>();
-  for (int64_t i = 0; i < (*out)[1].size(); ++i) dprobe[i] = 0.f;
+  MXTensor& dprobe = (*out)[1];
+  std::memset(dprobe.data_ptr, 0, dprobe.size() * dtype_bytes(dprobe));
   MXTensor& dsum = (*in)[0];
   return reduce_or_copy(attrs, dsum.data<double>(), (*out)[0].data<double>(), dsum.size(),
                         is_training((*in)[2]), "bwd");
@@ -292,13 +305,14 @@ MXReturnValue reduce_on_host(const Attrs& attrs, MXTensor& src, MXTensor& probe,
                              const OpResource& res, const char* phase) {
   auto stream = static_cast<cudaStream_t>(res.get_cuda_stream());
   std::vector<double> host(src.size());
-  float first = 0.f;
+  double first[1] = {0};  // the probe's first value, float32 or float64 (mode.h)
+  MXTensor head(first, {1}, probe.dtype, 0, MXContext::CPU(0), probe.stype);
   const size_t bytes = host.size() * sizeof(double);
-  if (cudaMemcpyAsync(&first, probe.data<float>(), sizeof first, cudaMemcpyDeviceToHost, stream) ||
+  if (cudaMemcpyAsync(first, probe.data_ptr, dtype_bytes(probe), cudaMemcpyDeviceToHost, stream) ||
       cudaMemcpyAsync(host.data(), src.data<double>(), bytes, cudaMemcpyDeviceToHost, stream) ||
       cudaStreamSynchronize(stream))
     return fail("distbn all-reduce: copy to host failed");
-  if (reduce_or_copy(attrs, host.data(), host.data(), src.size(), is_training(first), phase) != MX_SUCCESS)
+  if (reduce_or_copy(attrs, host.data(), host.data(), src.size(), is_training(head), phase) != MX_SUCCESS)
     return MX_FAIL;
   if (cudaMemcpyAsync(dst.data<double>(), host.data(), bytes, cudaMemcpyHostToDevice, stream) ||
       cudaStreamSynchronize(stream))  // `host` is freed on return
@@ -308,13 +322,14 @@ MXReturnValue reduce_on_host(const Attrs& attrs, MXTensor& src, MXTensor& probe,
 
 MXReturnValue forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
                           std::vector<MXTensor>* out, const OpResource& res) {
+  if (!types_ok(*in)) return MX_FAIL;
   return reduce_on_host(attrs, (*in)[0], (*in)[1], (*out)[0], res, "fwd");
 }
 
 MXReturnValue backward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
                            std::vector<MXTensor>* out, const OpResource& res) {
   MXTensor& dprobe = (*out)[1];
-  if (cudaMemsetAsync(dprobe.data<float>(), 0, dprobe.size() * sizeof(float),
+  if (cudaMemsetAsync(dprobe.data_ptr, 0, dprobe.size() * dtype_bytes(dprobe),
                       static_cast<cudaStream_t>(res.get_cuda_stream())))
     return fail("distbn all-reduce: memset failed");
   return reduce_on_host(attrs, (*in)[0], (*in)[2], (*out)[0], res, "bwd");
@@ -328,9 +343,10 @@ MXReturnValue parse(const Attrs& attrs, int* n_in, int* n_out) {
   return MX_SUCCESS;
 }
 
+// Fills in, never fails: MXNet's AMP calls type functions with trial types while it converts a
+// graph and stops on a failure (batch_norm.cc); forward checks the types it gets.
 MXReturnValue infer_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
-  if ((*in)[0] != kFloat64 || (*in)[1] != kFloat32)
-    return fail("distbn_allreduce: data must be float64 and probe float32");
+  if ((*in)[0] == -1) (*in)[0] = kFloat64;
   (*out)[0] = kFloat64;
   return MX_SUCCESS;
 }

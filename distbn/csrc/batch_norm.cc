@@ -1,5 +1,6 @@
-// distbn's batch-norm operators for the CPU, float32 data of any rank >= 2 with channels on
-// axis 1, loaded into MXNet through its extension API (lib_api.h, shipped in the MXNet wheel)
+// distbn's batch-norm operators for the CPU, float32 or float64 data of any rank >= 2 with
+// channels on axis 1 (parameters and running statistics of the data's type; the layer casts
+// float16 and bfloat16 data to float32 around these operators), loaded into MXNet through its extension API (lib_api.h, shipped in the MXNet wheel)
 // by distbn/native.py. Usable imperatively and inside hybridized graphs (mx.sym ops too).
 //
 //   distbn_bn_stats(x) -> L                       L: float64 (1 + 2C,) = [n, n*m (C), n*(v + m^2) (C)]
@@ -10,7 +11,7 @@
 //       attrs: eps, momentum, fix_gamma (gamma read as 1)
 //
 // Why statistics are packed that way: m and v are summed from x minus each channel's first
-// value (of the order of the spread, so float32 row sums are exact enough), then combined in
+// value (of the order of the spread, so row sums in the data's type are exact enough), then combined in
 // double: the global variance S2/N - mu^2 keeps ~1e-16 * mu^2 of error (1e-8 at a mean of 1e4),
 // where MXNet's own kernel, summing raw float32 values one after another, loses it all.
 //
@@ -70,16 +71,16 @@ void zero(MXTensor* t) {
 }
 
 // Per channel c: the sums of f1(a, b) and of f2(a, b) over N and the trailing axes, in one
-// pass; float32 within a row (vectorized: summed in any order), double across rows. ``b`` may
+// pass; in T within a row (vectorized: summed in any order), double across rows. ``b`` may
 // be null (then f1, f2 get a twice).
-template <typename F1, typename F2>
-std::pair<double, double> channel_sums(const float* a, const float* b, const Dims& d, int64_t c,
+template <typename T, typename F1, typename F2>
+std::pair<double, double> channel_sums(const T* a, const T* b, const Dims& d, int64_t c,
                                        F1 f1, F2 f2) {
   double s1 = 0, s2 = 0;
   for (int64_t i = 0; i < d.n; ++i) {
-    const float* ra = a + (i * d.c + c) * d.hw;
-    const float* rb = b ? b + (i * d.c + c) * d.hw : ra;
-    float r1 = 0.f, r2 = 0.f;
+    const T* ra = a + (i * d.c + c) * d.hw;
+    const T* rb = b ? b + (i * d.c + c) * d.hw : ra;
+    T r1 = 0, r2 = 0;
 #pragma omp simd reduction(+ : r1, r2)
     for (int64_t j = 0; j < d.hw; ++j) { r1 += f1(ra[j], rb[j]); r2 += f2(ra[j], rb[j]); }
     s1 += r1;
@@ -88,22 +89,32 @@ std::pair<double, double> channel_sums(const float* a, const float* b, const Dim
   return {s1, s2};
 }
 
+bool real(int t);
+const char* type_name(int t);
+
+MXReturnValue type_error(const char* what, int t) {
+  MX_ERROR_MSG << "distbn batch norm: " << what << " is " << type_name(t) << "; the operators "
+               << "take float32 or float64 data (the layer casts float16 and bfloat16 to "
+               << "float32) and float64 statistics";
+  return MX_FAIL;
+}
+
 // ---- distbn_bn_stats ---------------------------------------------------------------------
 
-MXReturnValue stats_forward(const Attrs&, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
-                            const OpResource&) {
+template <typename T>
+MXReturnValue stats_forward_t(std::vector<MXTensor>* in, std::vector<MXTensor>* out) {
   MXTensor& X = (*in)[0];
   const Dims d = dims_of(X);
-  const float* x = X.data<float>();
+  const T* x = X.data<T>();
   double* L = (*out)[0].data<double>();
   const double n = static_cast<double>(d.n * d.hw);
   L[0] = n;
 #pragma omp parallel for if (d.n * d.c * d.hw >= kParallelMin)
   for (int64_t c = 0; c < d.c; ++c) {
-    const float shift = x[c * d.hw];
+    const T shift = x[c * d.hw];
     const auto [s1, s2] = channel_sums(
-        x, nullptr, d, c, [shift](float v, float) { return v - shift; },
-        [shift](float v, float) { const float e = v - shift; return e * e; });
+        x, static_cast<const T*>(nullptr), d, c, [shift](T v, T) { return v - shift; },
+        [shift](T v, T) { const T e = v - shift; return e * e; });
     const double md = s1 / n;
     const double var = std::max(s2 / n - md * md, 0.0);
     const double m = shift + md;
@@ -113,31 +124,44 @@ MXReturnValue stats_forward(const Attrs&, std::vector<MXTensor>* in, std::vector
   return MX_SUCCESS;
 }
 
+MXReturnValue stats_forward(const Attrs&, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                            const OpResource&) {
+  if (!real((*in)[0].dtype)) return type_error("x", (*in)[0].dtype);
+  return (*in)[0].dtype == kFloat64 ? stats_forward_t<double>(in, out)
+                                    : stats_forward_t<float>(in, out);
+}
+
 // in: dL, x, L   out: dx.  L1 = sum(x), L2 = sum(x^2), so dx = dL1 + 2 dL2 x, computed as
 // (dL1 + 2 dL2 m) + 2 dL2 (x - m) with m the local mean: the first term is formed in double,
 // where its two parts cancel when the data sit far from zero.
-MXReturnValue stats_backward(const Attrs&, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
-                             const OpResource&) {
+template <typename T>
+MXReturnValue stats_backward_t(std::vector<MXTensor>* in, std::vector<MXTensor>* out) {
   const double* dL = (*in)[0].data<double>();
   MXTensor& X = (*in)[1];
   const double* L = (*in)[2].data<double>();
   const Dims d = dims_of(X);
-  const float* x = X.data<float>();
-  float* dx = (*out)[0].data<float>();
+  const T* x = X.data<T>();
+  T* dx = (*out)[0].data<T>();
 #pragma omp parallel for if (d.n * d.c * d.hw >= kParallelMin)
   for (int64_t c = 0; c < d.c; ++c) {
     const double m = L[1 + c] / L[0];
-    const float a = static_cast<float>(dL[1 + c] + 2 * dL[1 + d.c + c] * m);
-    const float b = static_cast<float>(2 * dL[1 + d.c + c]);
-    const float mf = static_cast<float>(m);
+    const T a = static_cast<T>(dL[1 + c] + 2 * dL[1 + d.c + c] * m);
+    const T b = static_cast<T>(2 * dL[1 + d.c + c]);
+    const T mt = static_cast<T>(m);
     for (int64_t i = 0; i < d.n; ++i) {
-      const float* row = x + (i * d.c + c) * d.hw;
-      float* o = dx + (i * d.c + c) * d.hw;
+      const T* row = x + (i * d.c + c) * d.hw;
+      T* o = dx + (i * d.c + c) * d.hw;
 #pragma omp simd
-      for (int64_t j = 0; j < d.hw; ++j) o[j] = a + b * (row[j] - mf);
+      for (int64_t j = 0; j < d.hw; ++j) o[j] = a + b * (row[j] - mt);
     }
   }
   return MX_SUCCESS;
+}
+
+MXReturnValue stats_backward(const Attrs&, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                             const OpResource&) {
+  return (*in)[1].dtype == kFloat64 ? stats_backward_t<double>(in, out)
+                                    : stats_backward_t<float>(in, out);
 }
 
 MXReturnValue stats_parse(const Attrs&, int* n_in, int* n_out) {
@@ -146,8 +170,22 @@ MXReturnValue stats_parse(const Attrs&, int* n_in, int* n_out) {
   return MX_SUCCESS;
 }
 
-MXReturnValue stats_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
-  if ((*in)[0] != kFloat32) { MX_ERROR_MSG << "distbn batch norm: float32 input only"; return MX_FAIL; }
+bool real(int t) { return t == kFloat32 || t == kFloat64; }
+
+const char* type_name(int t) {
+  switch (t) {
+    case kFloat32: return "float32";
+    case kFloat64: return "float64";
+    case kFloat16: return "float16";
+    case 12: return "bfloat16";  // mshadow's code; lib_api.h has no name for it
+    default: return "a non-float type";
+  }
+}
+
+// Type functions only fill in what they can and never fail: MXNet's AMP calls them with trial
+// types while it converts a graph (and stops on a failure instead of trying another), so the
+// kernels check the types they are given (check_types) and fail with the message.
+MXReturnValue stats_type(const Attrs&, std::vector<int>*, std::vector<int>* out) {
   (*out)[0] = kFloat64;
   return MX_SUCCESS;
 }
@@ -171,66 +209,89 @@ MXReturnValue stats_shape(const Attrs&, std::vector<std::vector<unsigned int>>* 
 struct Channel { double mean, var; };
 
 // Mean and biased variance of channel c: from G in training, the running values otherwise.
+template <typename T>
 Channel channel_stats(const double* G, int64_t C, int64_t c, bool training,
-                      const float* rm, const float* rv) {
+                      const T* rm, const T* rv) {
   if (!training) return {rm[c], rv[c]};
   const double mean = G[1 + c] / G[0];
   return {mean, std::max(G[1 + C + c] / G[0] - mean * mean, 0.0)};
 }
 
-MXReturnValue apply_forward(const Attrs& attrs, std::vector<MXTensor>* in,
-                            std::vector<MXTensor>* out, const OpResource&) {
-  const double eps = attr(attrs, "eps", 1e-5), mom = attr(attrs, "momentum", 0.9);
+template <typename T>
+MXReturnValue apply_forward_t(const Attrs& attrs, std::vector<MXTensor>* in,
+                              std::vector<MXTensor>* out) {
+  const double eps = attr(attrs, "eps", 1e-5);
+  // MXNet's BatchNorm keeps momentum as a float32 (0.9f): the same value here, which shows
+  // in float64 running statistics (2e-8 relative).
+  const double mom = static_cast<float>(attr(attrs, "momentum", 0.9));
   const bool fix_gamma = flag(attrs, "fix_gamma");
   MXTensor& X = (*in)[0];
   const Dims d = dims_of(X);
-  const float* x = X.data<float>();
+  const T* x = X.data<T>();
   const double* G = (*in)[1].data<double>();
   const bool training = is_training((*in)[2]);
-  const float* gamma = (*in)[3].data<float>();
-  const float* beta = (*in)[4].data<float>();
-  float* rm = (*in)[5].data<float>();
-  float* rv = (*in)[6].data<float>();
-  float* y = (*out)[0].data<float>();
+  const T* gamma = (*in)[3].data<T>();
+  const T* beta = (*in)[4].data<T>();
+  T* rm = (*in)[5].data<T>();
+  T* rv = (*in)[6].data<T>();
+  T* y = (*out)[0].data<T>();
 #pragma omp parallel for if (d.n * d.c * d.hw >= kParallelMin)
   for (int64_t c = 0; c < d.c; ++c) {
     const Channel s = channel_stats(G, d.c, c, training, rm, rv);
     const double invstd = 1.0 / std::sqrt(s.var + eps);
     const double scale = (fix_gamma ? 1.0 : gamma[c]) * invstd;
-    const float k = static_cast<float>(scale), m = static_cast<float>(s.mean), b = beta[c];
+    const T k = static_cast<T>(scale), m = static_cast<T>(s.mean), b = beta[c];
     for (int64_t i = 0; i < d.n; ++i) {
-      const float* row = x + (i * d.c + c) * d.hw;
-      float* yrow = y + (i * d.c + c) * d.hw;
+      const T* row = x + (i * d.c + c) * d.hw;
+      T* yrow = y + (i * d.c + c) * d.hw;
 #pragma omp simd
       for (int64_t j = 0; j < d.hw; ++j) yrow[j] = (row[j] - m) * k + b;
     }
     if (training) {  // moving = momentum * moving + (1 - momentum) * batch, biased variance
-      rm[c] = static_cast<float>(mom * rm[c] + (1 - mom) * s.mean);
-      rv[c] = static_cast<float>(mom * rv[c] + (1 - mom) * s.var);
+      rm[c] = static_cast<T>(mom * rm[c] + (1 - mom) * s.mean);
+      rv[c] = static_cast<T>(mom * rv[c] + (1 - mom) * s.var);
     }
   }
   return MX_SUCCESS;
 }
 
+MXReturnValue apply_forward(const Attrs& attrs, std::vector<MXTensor>* in,
+                            std::vector<MXTensor>* out, const OpResource&) {
+  static const char* names[] = {"x", "G", "probe", "gamma", "beta", "running_mean", "running_var"};
+  const int t = (*in)[0].dtype;
+  if (!real(t)) return type_error("x", t);
+  if ((*in)[1].dtype != kFloat64) return type_error("G", (*in)[1].dtype);
+  for (size_t i = 2; i < in->size(); ++i)
+    if ((*in)[i].dtype != t) {
+      MX_ERROR_MSG << "distbn batch norm: " << names[i] << " is " << type_name((*in)[i].dtype)
+                   << ", x " << type_name(t) << ": the parameters must have the data's type "
+                   << "(net.cast(...) casts both)";
+      return MX_FAIL;
+    }
+  return (*in)[0].dtype == kFloat64 ? apply_forward_t<double>(attrs, in, out)
+                                    : apply_forward_t<float>(attrs, in, out);
+}
+
 // in:  dy, x, G, probe, gamma, beta, running_mean, running_var, y
 // out: dx, dG, dprobe, dgamma, dbeta, (d running_mean, d running_var when MXNet asks)
-MXReturnValue apply_backward(const Attrs& attrs, std::vector<MXTensor>* in,
-                             std::vector<MXTensor>* out, const OpResource&) {
+template <typename T>
+MXReturnValue apply_backward_t(const Attrs& attrs, std::vector<MXTensor>* in,
+                               std::vector<MXTensor>* out) {
   const double eps = attr(attrs, "eps", 1e-5);
   const bool fix_gamma = flag(attrs, "fix_gamma");
-  const float* dy = (*in)[0].data<float>();
+  const T* dy = (*in)[0].data<T>();
   MXTensor& X = (*in)[1];
   const Dims d = dims_of(X);
-  const float* x = X.data<float>();
+  const T* x = X.data<T>();
   const double* G = (*in)[2].data<double>();
   const bool training = is_training((*in)[3]);
-  const float* gamma = (*in)[4].data<float>();
-  const float* rm = (*in)[6].data<float>();
-  const float* rv = (*in)[7].data<float>();
-  float* dx = (*out)[0].data<float>();
+  const T* gamma = (*in)[4].data<T>();
+  const T* rm = (*in)[6].data<T>();
+  const T* rv = (*in)[7].data<T>();
+  T* dx = (*out)[0].data<T>();
   double* dG = (*out)[1].data<double>();
-  float* dgamma = (*out)[3].data<float>();
-  float* dbeta = (*out)[4].data<float>();
+  T* dgamma = (*out)[3].data<T>();
+  T* dbeta = (*out)[4].data<T>();
   zero(&(*out)[1]);  // the count's entry stays 0: n is not a function of x
   for (size_t k = 2; k < out->size(); ++k) if (k != 3 && k != 4) zero(&(*out)[k]);
   const double N = training ? G[0] : 1.0;
@@ -239,12 +300,12 @@ MXReturnValue apply_backward(const Attrs& attrs, std::vector<MXTensor>* in,
     const Channel s = channel_stats(G, d.c, c, training, rm, rv);
     const double invstd = 1.0 / std::sqrt(s.var + eps);
     const double g = fix_gamma ? 1.0 : gamma[c];
-    const float m = static_cast<float>(s.mean);
+    const T m = static_cast<T>(s.mean);
     const auto [sdy, sdyx] = channel_sums(
-        x, dy, d, c, [](float, float e) { return e; }, [m](float v, float e) { return e * (v - m); });
-    dbeta[c] = static_cast<float>(sdy);
-    dgamma[c] = fix_gamma ? 0.f : static_cast<float>(sdyx * invstd);
-    const float k = static_cast<float>(g * invstd);
+        x, dy, d, c, [](T, T e) { return e; }, [m](T v, T e) { return e * (v - m); });
+    dbeta[c] = static_cast<T>(sdy);
+    dgamma[c] = fix_gamma ? T(0) : static_cast<T>(sdyx * invstd);
+    const T k = static_cast<T>(g * invstd);
     if (training) {  // gradient with respect to the global sums in G
       const double dmean = -g * invstd * sdy;
       const double dvar = -0.5 * g * invstd * invstd * invstd * sdyx;
@@ -252,13 +313,19 @@ MXReturnValue apply_backward(const Attrs& attrs, std::vector<MXTensor>* in,
       dG[1 + d.c + c] = dvar / N;
     }
     for (int64_t i = 0; i < d.n; ++i) {  // the share through x; the rest comes through G
-      const float* e = dy + (i * d.c + c) * d.hw;
-      float* o = dx + (i * d.c + c) * d.hw;
+      const T* e = dy + (i * d.c + c) * d.hw;
+      T* o = dx + (i * d.c + c) * d.hw;
 #pragma omp simd
       for (int64_t j = 0; j < d.hw; ++j) o[j] = k * e[j];
     }
   }
   return MX_SUCCESS;
+}
+
+MXReturnValue apply_backward(const Attrs& attrs, std::vector<MXTensor>* in,
+                             std::vector<MXTensor>* out, const OpResource&) {
+  return (*in)[1].dtype == kFloat64 ? apply_backward_t<double>(attrs, in, out)
+                                    : apply_backward_t<float>(attrs, in, out);
 }
 
 MXReturnValue apply_parse(const Attrs&, int* n_in, int* n_out) {
@@ -267,18 +334,15 @@ MXReturnValue apply_parse(const Attrs&, int* n_in, int* n_out) {
   return MX_SUCCESS;
 }
 
+// x, probe, gamma, beta and the running statistics share one type, float32 or float64 (the
+// first one known; checked when the kernel runs); G is float64.
 MXReturnValue apply_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
-  static const char* names[] = {"x", "G", "probe", "gamma", "beta", "running_mean", "running_var"};
-  for (size_t i = 0; i < in->size(); ++i) {
-    const int want = i == 1 ? kFloat64 : kFloat32;
-    if ((*in)[i] == -1) (*in)[i] = want;
-    if ((*in)[i] != want) {
-      MX_ERROR_MSG << "distbn batch norm: " << names[i] << " must be "
-                   << (want == kFloat64 ? "float64" : "float32");
-      return MX_FAIL;
-    }
-  }
-  (*out)[0] = kFloat32;
+  int t = -1;
+  for (size_t i = 0; i < in->size(); ++i)
+    if (i != 1 && (*in)[i] != -1 && t == -1) t = (*in)[i];
+  for (size_t i = 0; i < in->size(); ++i)
+    if ((*in)[i] == -1) (*in)[i] = i == 1 ? kFloat64 : t;
+  (*out)[0] = t;
   return MX_SUCCESS;
 }
 

@@ -9,4 +9,9 @@
 // `first`: the probe's first value (read from host memory).
 inline bool is_training(float first) { return std::fabs(first) < 2.f; }
 
-inline bool is_training(mxnet::ext::MXTensor& probe) { return is_training(probe.data<float>()[0]); }
+// The probe has the type of the layer's running statistics: float32, or float64 after
+// net.cast('float64').
+inline bool is_training(mxnet::ext::MXTensor& probe) {
+  return is_training(probe.dtype == mxnet::ext::kFloat64
+                         ? static_cast<float>(probe.data<double>()[0]) : probe.data<float>()[0]);
+}

@@ -16,15 +16,20 @@ from mxnet import autograd, gluon, nd
 import distbn
 from distbn.comm import get_comm
 
-RTOL = 1e-5
+# Allowed error relative to the largest reference value, by the data's type: float16 data
+# round to ~5e-4 at each of the networks' layers; float64 runs show the arithmetic alone.
+RTOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-2}
 
 
-def build(bn_factory, ndim, channels, seed, hybridize=False):
+def build(bn_factory, ndim, channels, seed, hybridize=False, bn_only=False):
     net = gluon.nn.HybridSequential()
-    # A learnable layer before BN so input gradients flow into trained weights; one after so
-    # the loss mixes channels.
-    net.add(gluon.nn.Conv2D(channels, 3, padding=1) if ndim == 4 else gluon.nn.Dense(channels),
-            bn_factory(), gluon.nn.Activation("sigmoid"), gluon.nn.Dense(5))
+    if bn_only:  # MXNet's CPU convolutions and dense layers take neither float16 nor float64
+        net.add(bn_factory())
+    else:
+        # A learnable layer before BN so input gradients flow into trained weights; one after
+        # so the loss mixes channels.
+        net.add(gluon.nn.Conv2D(channels, 3, padding=1) if ndim == 4 else gluon.nn.Dense(channels),
+                bn_factory(), gluon.nn.Activation("sigmoid"), gluon.nn.Dense(5))
     mx.random.seed(seed)
     net.initialize(mx.init.Xavier())
     if hybridize:
@@ -42,14 +47,19 @@ def copy_params(src, dst):
         q.set_data(p.data().reshape(q.shape))
 
 
-def close(name, got, want, step):
+def close(name, got, want, step, rtol):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     err = np.abs(got - want).max() if got.size else 0.0
     scale = max(np.abs(want).max(), 1e-3) if want.size else 1.0
-    if not got.shape == want.shape or err > RTOL * scale:
+    if not got.shape == want.shape or err > rtol * scale:
         print(f"MISMATCH step {step} {name}: max abs err {err:.3g}, scale {scale:.3g}", flush=True)
         return False
     return True
+
+
+def _say(what):
+    print(f"MISMATCH: {what}", flush=True)
+    return False
 
 
 def main():
@@ -59,6 +69,9 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--mean", type=float, default=0.5)
     ap.add_argument("--hybridize", action="store_true", help="compile the network, BN included")
+    ap.add_argument("--dtype", choices=list(RTOL), default="float32",
+                    help="the networks cast to it (BN parameters stay float32 for float16); "
+                         "other than float32, the networks are the BN layer alone")
     ap.add_argument("--layer", choices=["sync", "local"], default="sync",
                     help="local: distbn.BatchNorm, a negative control that must FAIL at size > 1")
     args = ap.parse_args()
@@ -66,37 +79,46 @@ def main():
     rank, size = comm.rank, comm.size
     sizes = [int(s) for s in args.sizes.split(",")][:size] if args.sizes else [4] * size
     assert len(sizes) == size, f"need {size} sizes, got {sizes}"
-    channels, in_ch = 6, 3
+    bn_only = args.dtype != "float32"
+    channels = 6
+    in_ch = channels if bn_only else 3
     total = sum(sizes)
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
 
     bn_dims = args.ndim
-    ref = build(lambda: gluon.nn.BatchNorm(in_channels=channels), args.ndim, channels, seed=1)
+    ref = build(lambda: gluon.nn.BatchNorm(in_channels=channels), args.ndim, channels, seed=1,
+                bn_only=bn_only)
     layer = distbn.SyncBatchNorm if args.layer == "sync" else distbn.BatchNorm
-    net = build(lambda: layer(channels, bn_dims), args.ndim, channels, seed=2, hybridize=args.hybridize)
-    shape_in = (total, in_ch, 6, 6) if args.ndim == 4 else (total, 10)
+    net = build(lambda: layer(channels, bn_dims), args.ndim, channels, seed=2,
+                hybridize=args.hybridize, bn_only=bn_only)
+    shape_in = (total, in_ch, 6, 6) if args.ndim == 4 else (total, in_ch if bn_only else 10)
+    out_shape = shape_in if bn_only else (total, 5)
     rs = np.random.RandomState(123)
     x0 = rs.rand(*shape_in).astype(np.float32)
     ref(nd.array(x0[:2]))  # finish deferred init, then make the two networks identical
     net(nd.array(x0[:2]))
     copy_params(ref, net)
+    if args.dtype != "float32":
+        ref.cast(args.dtype)
+        net.cast(args.dtype)
+    dtype, rtol = args.dtype, RTOL[args.dtype]
     # Equal initial values are the premise: check them once.
-    ok = all(close("init " + q.name, q.data().asnumpy().ravel(), p.data().asnumpy().ravel(), 0)
+    ok = all(close("init " + q.name, q.data().asnumpy().ravel(), p.data().asnumpy().ravel(), 0, rtol)
              for p, q in zip(ref.collect_params().values(), net.collect_params().values()))
 
     lr = 0.5
     ref_tr = gluon.Trainer(ref.collect_params(), "sgd", {"learning_rate": lr})
     net_tr = comm.trainer(net.collect_params(), "sgd", {"learning_rate": lr})
-    bn_ref, bn_net = ref[1], net[1]
+    bn_ref, bn_net = (ref[0], net[0]) if bn_only else (ref[1], net[1])
     for step in range(1, args.steps + 1):
-        xg = (args.mean + rs.randn(*shape_in)).astype(np.float32)
-        w = rs.randn(total, 5).astype(np.float32)  # per-example loss weights
-        xr, xs = nd.array(xg), nd.array(xg[lo:hi])
+        xg = (args.mean + rs.randn(*shape_in)).astype(dtype)
+        w = rs.randn(*out_shape).astype(dtype)  # per-output loss weights
+        xr, xs = nd.array(xg, dtype=dtype), nd.array(xg[lo:hi], dtype=dtype)
         xr.attach_grad(); xs.attach_grad()
         before = comm.collectives
         with autograd.record():
-            yr = ref(xr); lr_ = (yr * nd.array(w)).sum()
-            ys = net(xs); ls_ = (ys * nd.array(w[lo:hi])).sum()
+            yr = ref(xr); lr_ = (yr * nd.array(w, dtype=dtype)).sum()
+            ys = net(xs); ls_ = (ys * nd.array(w[lo:hi], dtype=dtype)).sum()
         lr_.backward(); ls_.backward()
         nd.waitall()
         per_step = comm.collectives - before
@@ -104,28 +126,31 @@ def main():
         if per_step != want_coll:
             print(f"MISMATCH step {step}: {per_step} collectives, expected {want_coll}", flush=True)
             ok = False
-        ok &= close("output", ys.asnumpy(), yr.asnumpy()[lo:hi], step)
-        ok &= close("input grad", xs.grad.asnumpy(), xr.grad.asnumpy()[lo:hi], step)
+        ok &= ys.dtype == xs.dtype and xs.grad.dtype == xs.dtype or _say(f"dtypes {ys.dtype}, {xs.grad.dtype}")
+        ok &= close("output", ys.asnumpy(), yr.asnumpy()[lo:hi], step, rtol)
+        ok &= close("input grad", xs.grad.asnumpy(), xr.grad.asnumpy()[lo:hi], step, rtol)
         for pname in ("gamma", "beta"):
             g = getattr(bn_net, pname).grad().copy().reshape(-1)
             gsum = comm.allreduce_sum(g, name=f"test.{pname}.{step}").asnumpy()
-            ok &= close(f"{pname} grad (summed)", gsum, getattr(bn_ref, pname).grad().asnumpy(), step)
+            ok &= close(f"{pname} grad (summed)", gsum, getattr(bn_ref, pname).grad().asnumpy(), step,
+                        rtol)
         ok &= close("running_mean", bn_net.running_mean.data().asnumpy().ravel(),
-                    bn_ref.running_mean.data().asnumpy(), step)
+                    bn_ref.running_mean.data().asnumpy(), step, rtol)
         ok &= close("running_var", bn_net.running_var.data().asnumpy().ravel(),
-                    bn_ref.running_var.data().asnumpy(), step)
+                    bn_ref.running_var.data().asnumpy(), step, rtol)
         ref_tr.step(total)
         net_tr.step(total / size)  # DistributedTrainer averages over workers; this makes sum/total
     # Prediction mode never communicates and uses the (identical) moving statistics.
     before = comm.collectives
-    xg = (args.mean + rs.randn(*shape_in)).astype(np.float32)
-    ok &= close("prediction output", net(nd.array(xg[lo:hi])).asnumpy(),
-                ref(nd.array(xg)).asnumpy()[lo:hi], "predict")
+    xg = (args.mean + rs.randn(*shape_in)).astype(dtype)
+    ok &= close("prediction output", net(nd.array(xg[lo:hi], dtype=dtype)).asnumpy(),
+                ref(nd.array(xg, dtype=dtype)).asnumpy()[lo:hi], "predict", rtol)
     if comm.collectives != before:
         print("MISMATCH: prediction mode issued a collective", flush=True)
         ok = False
     via = "gloo" if comm.engine else "none"
-    print(f"rank {rank}/{size} sizes={sizes} ndim={args.ndim} via={via} hybridized={args.hybridize}: "
+    print(f"rank {rank}/{size} sizes={sizes} ndim={args.ndim} dtype={dtype} via={via} "
+          f"hybridized={args.hybridize}: "
           f"{'OK' if ok else 'FAILED'}", flush=True)
     sys.exit(0 if ok else 1)
 

@@ -13,6 +13,8 @@ import yaml
 
 from .models import BN_CHOICES, known_arch
 
+PRECISIONS = ("float32", "bfloat16", "float16")  # train.precision (distbn.precision)
+
 
 class ConfigError(ValueError):
     """The configuration is unusable; the message names the key or the file."""
@@ -34,6 +36,7 @@ class TrainConfig:
     momentum: float = 0.0     # SGD momentum (the book uses plain SGD)
     seed: int = 0
     stall_timeout: float = 300.0  # seconds without a finished step before a worker gives up; 0: off
+    precision: str = "float32"  # float32 | bfloat16 (CPU) | float16 (GPU): MXNet's AMP (distbn.precision)
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ def _validate(cfg: Config) -> Config:
          "train.lr", "must be a positive finite number"),
         (0 <= cfg.train.momentum < 1, "train.momentum", "must be in [0, 1)"),
         (cfg.train.stall_timeout >= 0, "train.stall_timeout", "must be 0 (off) or positive"),
+        (cfg.train.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}"),
         (cfg.data.limit is None or cfg.data.limit >= 1, "data.limit", "must be at least 1"),
         (cfg.data.test_limit is None or cfg.data.test_limit >= 1, "data.test_limit",
          "must be at least 1"),

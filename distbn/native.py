@@ -109,26 +109,28 @@ def build(dest: Path, extra: list = None) -> Path:
 
 def load() -> None:
     """Build if needed and load the library; raises on failure."""
-    import mxnet as mx
     path = library_path()
     if not path.is_file():
         build(path)
-    mx.library.load(str(path), verbose=False)
+    _load_keeping_functions(path)
     _loaded["path"] = path
-    _tell_amp()
 
 
-OPERATORS = ("distbn_bn_stats", "distbn_bn_apply", "distbn_allreduce")
-
-
-def _tell_amp() -> None:
-    """Lists distbn's operators among those MXNet's AMP leaves in the type they get (it casts
-    an operator it does not know to float32, which would turn the float64 statistics into
-    float32 ones); the layer hands them float32 or float64 itself. AMP reads these lists when
-    it converts a network, and refuses names it does not find in them."""
-    from mxnet.contrib.amp import lists
-    for names in (lists.symbol_bf16.BF16_FP32_FUNCS, lists.symbol_fp16.FP16_FP32_FUNCS):
-        names.extend(op for op in OPERATORS if op not in names)
+def _load_keeping_functions(path: Path) -> None:
+    """``mx.library.load``, which makes every operator function of ``mx.nd`` and ``mx.sym``
+    anew, with the functions that existed before put back. MXNet's ``amp.init()`` replaces
+    them with wrappers that cast to float16 or float32; a library loaded after it (when the
+    first distbn layer is built) would undo that silently and train in float32."""
+    import types
+    import mxnet as mx
+    modules = [m for name, m in list(sys.modules.items())
+               if m is not None and name.startswith(("mxnet.ndarray", "mxnet.symbol"))]
+    before = [(m, {k: v for k, v in vars(m).items() if isinstance(v, types.FunctionType)})
+              for m in modules]
+    mx.library.load(str(path), verbose=False)
+    for module, functions in before:
+        for name, fn in functions.items():
+            setattr(module, name, fn)
 
 
 def clib():

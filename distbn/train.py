@@ -75,8 +75,8 @@ def parse_args(argv=None):
 
 
 # Keys that may change between a run and its resumption.
-_RESUMABLE_CHANGES = {"train.epochs", "train.lr", "train.stall_timeout", "log.every_steps",
-                      "log.histograms", "log.progress"}
+_RESUMABLE_CHANGES = {"train.epochs", "train.lr", "train.stall_timeout", "train.precision",
+                      "log.every_steps", "log.histograms", "log.progress"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -176,6 +176,7 @@ def train_epoch(epoch, cfg, comm, net, trainer, data, ctx, log, global_step, wat
     """
     import mxnet as mx
     from mxnet import autograd
+    from . import precision
     from .data import iterate_batches, num_batches, shard_indices
 
     loss_fn = mx.gluon.loss.SoftmaxCrossEntropyLoss()
@@ -192,7 +193,8 @@ def train_epoch(epoch, cfg, comm, net, trainer, data, ctx, log, global_step, wat
         with autograd.record():
             out = net(X)
             loss = loss_fn(out, y)
-        loss.backward()
+            with precision.scaled(cfg.train.precision, loss, trainer) as scaled_loss:
+                scaled_loss.backward()
         trainer.step(X.shape[0])  # gradients: mean over workers, then / local batch = / global
         loss_sum += loss.sum()
         correct += (out.argmax(axis=1) == y).sum()
@@ -290,14 +292,17 @@ def check(cfg: Config, run_dir: Path) -> None:
     """``--check``: what a launch script verifies in one process before starting workers:
     the config (already loaded), the data, the network, and the run directory (made and
     probed; when the command names none, the log folder), with room for one checkpoint."""
+    from . import precision
     from .storage import prepare_dir
 
     import mxnet as mx
+    precision.check(cfg.train.precision, mx.gpu(0) if mx.context.num_gpus() else mx.cpu())
     load_data(cfg)
     prepare_dir(run_dir, checkpoint_bytes(cfg, build_model(cfg, mx.cpu())))
 
 
 def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
+    from . import precision
     from .comm import get_comm
     from .runlog import open_run_log
     from .storage import StorageError
@@ -313,6 +318,8 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     if len(data.train_x) < comm.size:
         raise ConfigError(f"data.limit {len(data.train_x)} gives fewer examples than workers")
     ctx = device(comm)
+    precision.check(cfg.train.precision, ctx)
+    precision.start(cfg.train.precision)  # AMP changes the operators the network is built from
     np.random.seed(cfg.train.seed + comm.rank)
     net = build_model(cfg, ctx, bn_group(cfg, comm))
     # Rank 0 makes and checks the run directory before the first collective: if it cannot,
@@ -322,6 +329,7 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     comm.broadcast_parameters(net.collect_params(), prefix="distbn.init")
     opt = {"learning_rate": cfg.train.lr, "momentum": cfg.train.momentum}
     trainer = comm.trainer(net.collect_params(), "sgd", opt)
+    precision.prepare_trainer(cfg.train.precision, trainer)
     try:
         return _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog)
     except StorageError:
@@ -330,6 +338,7 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
 
 
 def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -> dict:
+    from . import precision
     from .models import bn_layers
 
     start, global_step = resume_point(comm, run_dir, net, trainer, log, cfg.train.lr) if resume else (1, 0)
@@ -338,7 +347,7 @@ def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -
     log.info(f"{cfg.name}: {cfg.model.arch}, {comm.size} worker(s) on {ctx}, bn={cfg.model.bn}"
              f"{via if cfg.model.bn == 'sync' else ''}"
              f"{f' in groups of {cfg.model.bn_group}' if cfg.model.bn == 'sync' and cfg.model.bn_group else ''}"
-             f", global batch "
+             f", {cfg.train.precision}, global batch "
              f"{cfg.train.batch_size} ({cfg.train.batch_size // comm.size} per worker), "
              f"{len(data.train_x)} training examples, run dir {run_dir}")
     last = None
@@ -353,7 +362,11 @@ def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -
         last = {"epoch": epoch, "train_loss": loss_sum / count, "train_acc": correct / count,
                 "test_acc": test_correct / test_count, "epoch_seconds": seconds,
                 "examples_per_second": count / seconds, "workers": comm.size,
-                "global_step": global_step, "bn": cfg.model.bn}
+                "global_step": global_step, "bn": cfg.model.bn,
+                "precision": cfg.train.precision}
+        scale = precision.loss_scale(cfg.train.precision, trainer)
+        if scale is not None:
+            last["loss_scale"] = scale
         bad = non_finite_parameters(net)
         (bad_anywhere,) = global_sums(comm, "distbn.check.finite", len(bad))  # all decide alike
         if bad_anywhere or not math.isfinite(last["train_loss"]):
@@ -369,6 +382,7 @@ def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -
     moving = [p for layer in bn for p in (layer.running_mean, layer.running_var)]
     learned = [p for p in net.collect_params().values() if p.grad_req != "null"]
     summary = {"final": last, "workers": comm.size, "run_dir": str(run_dir),
+               "precision": cfg.train.precision,
                "param_max_deviation_across_workers": replica_deviation(comm, learned, "learned"),
                "moving_stats_max_deviation_across_workers": replica_deviation(comm, moving, "moving")}
     log.summary(summary)

@@ -14,7 +14,7 @@ def write(tmp_path, text):
 
 
 def test_shipped_configs_load():
-    for name in ("lenet_syncbn", "lenet_gluonbn", "smoke", "resnet18_syncbn"):
+    for name in ("lenet_syncbn", "lenet_gluonbn", "smoke", "resnet18_syncbn", "resnet18_syncbn_bf16"):
         cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
         assert cfg.name == name
     book = load_config(str(ROOT / "configs" / "lenet_syncbn.yaml"))
@@ -111,3 +111,23 @@ def test_cli_bad_config_under_horovodrun_is_reported_once(tmp_path, args, messag
     assert code != 0, out
     assert out.count(message) == 1, out
     assert not run_dir.exists()
+
+
+def test_precision_must_be_known():
+    with pytest.raises(ConfigError, match="train.precision must be one of float32, bfloat16, float16"):
+        load_config(None, ["train.precision=fp8"])
+
+
+@pytest.mark.parametrize("precision, gpu, mkldnn, flags, why", [
+    ("float32", False, False, set(), None),
+    ("float16", True, False, set(), None),
+    ("bfloat16", False, True, {"avx512f", "avx512_bf16"}, None),
+    ("float16", False, True, {"avx512f"}, "float16 trains on GPUs only"),
+    ("bfloat16", True, True, {"avx512f"}, "on GPUs use float16"),
+    ("bfloat16", False, False, {"avx512f"}, "oneDNN: no, avx512f: yes"),
+    ("bfloat16", False, True, {"avx2"}, "oneDNN: yes, avx512f: no"),
+])
+def test_where_each_precision_can_train(precision, gpu, mkldnn, flags, why):
+    from distbn.precision import unsupported
+    got = unsupported(precision, gpu, mkldnn, flags)
+    assert (got is None) if why is None else (why in got), got

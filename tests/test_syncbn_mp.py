@@ -34,6 +34,50 @@ def test_sync_with_mxnet_operator_statistics(np_):
         assert out.count("via=gloo hybridized=") == np_ and out.count(": OK") == np_, out
 
 
+@pytest.mark.parametrize("np_", [2, 4])
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_half_and_double_input_equal_plain_bn(np_, dtype):
+    """float16 data (BN's parameters float32, as Gluon keeps them) and float64 data
+    (``net.cast('float64')``): outputs and gradients in the data's type, equal to Gluon's BN
+    of the same type on the whole batch (2e-2 and 1e-10 of the largest value)."""
+    _, out = horovodrun(np_, [MP / "syncbn_equivalence.py", "--ndim", 4, "--sizes", "3,5,1,7",
+                              "--dtype", dtype, "--hybridize"], timeout=180)
+    assert out.count(f"dtype={dtype} via=gloo hybridized=True: OK") == np_, out
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_half_and_double_input_with_mxnet_operator_statistics(dtype):
+    _, out = horovodrun(2, [MP / "syncbn_equivalence.py", "--ndim", 2, "--sizes", "3,5",
+                            "--dtype", dtype, "--hybridize"], timeout=180,
+                        env={"DISTBN_NATIVE": "0"})
+    assert out.count(f"dtype={dtype} via=gloo hybridized=True: OK") == 2, out
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_local_bn_is_caught_by_the_same_check_in_half_and_double(dtype):
+    code, out = horovodrun(2, [MP / "syncbn_equivalence.py", "--ndim", 4, "--dtype", dtype,
+                               "--layer", "local"], timeout=180, check=False)
+    assert code != 0 and "MISMATCH" in out, out
+
+
+@pytest.mark.parametrize("np_", [2, 4])
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_amp_network_as_close_to_float64_as_gluon_under_amp(np_, precision):
+    """MXNet's AMP: bfloat16 by convert_hybrid_block (CPU), float16 by amp.init with loss
+    scaling through Horovod's trainer (a BN-only network: no float16 convolutions on CPUs);
+    see tests/mp/amp_equivalence.py for how the errors are compared."""
+    _, out = horovodrun(np_, [MP / "amp_equivalence.py", "--amp", precision], timeout=240)
+    assert out.count(f"layer=sync amp={precision} worst error ratio") == np_, out
+    assert out.count(": OK") == np_, out
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_amp_local_bn_is_caught_by_the_same_check(precision):
+    code, out = horovodrun(2, [MP / "amp_equivalence.py", "--amp", precision, "--layer", "local"],
+                           timeout=240, check=False)
+    assert code != 0 and "MISMATCH output" in out and ": OK" not in out, out
+
+
 def test_size_one_equals_plain_bn_without_collective():
     _, out = python([MP / "syncbn_equivalence.py", "--ndim", 4, "--sizes", 9])
     assert "rank 0/1 sizes=[9] ndim=4 dtype=float32 via=none hybridized=False: OK" in out, out

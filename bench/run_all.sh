@@ -70,6 +70,11 @@ for n in 1 2 4; do
   step "step_time x$n" workers "$n" "${launcher[@]}" "$py" bench/step_time.py "${steps[@]}" \
     --json "$out/data/step_time_$n.json"
 done
+for n in 1 2; do
+  if [ "$n" = 1 ]; then launcher=(); else launcher=(timeout 1800 "$(dirname "$py")/horovodrun" -np "$n" -H "localhost:$n"); fi
+  step "precision x$n" workers "$n" "${launcher[@]}" "$py" bench/precision.py "${steps[@]}" \
+    --json "$out/data/precision_$n.json"
+done
 step throughput "$py" bench/throughput.py "${thru[@]}" --json "$out/data/throughput.json" \
   --plot "$out/img/throughput.png"
 step book_path "$py" bench/book_path.py "${book[@]}" --json "$out/data/book_path.json"

@@ -20,6 +20,11 @@ Parameters are Gluon's (``gamma``, ``beta``, ``running_mean``, ``running_var``, 
 channels taken from the first input when ``in_channels=0``), so a parameter file of a network
 built with ``gluon.nn.BatchNorm`` loads into the same network built with these, and back.
 
+Types: float32 data with float32 parameters; float64 with float64 (``net.cast('float64')``);
+float16 and bfloat16 data (``net.cast('float16')``, MXNet's AMP) with float32 parameters, as in
+MXNet's BatchNorm, computed in float32; statistics summed in float64 in every case; output and
+input gradient in the data's type.
+
 Conventions (MXNet's and the book's; PyTorch differs):
   * the running variance is updated with the *biased* batch variance;
   * ``running = momentum * running + (1 - momentum) * batch`` with momentum 0.9;
@@ -115,24 +120,30 @@ class BatchNorm(gluon.HybridBlock):
         # output from oneDNN's blocked layout for each operator that reads it (~0.5 ms each
         # at ResNet-18's 64x64x14x14 here); the reshape does it once.
         dtype = np.dtype(self.running_mean.dtype).name  # the parameters' (Block.cast)
-        x3 = F.reshape(self._widened(F, x, dtype), (0, 0, -1))
+        cast = not self._native or _is_bfloat16(x)
+        x3 = F.reshape(self._widened(F, x, dtype) if cast else x, (0, 0, -1))
         local = stats.local_stats(F, x3, self._native)
         probe = stats.mode_probe(F, local, running_mean, running_var, dtype)
         total = allreduce_op(F, local, probe, *sync)
         y3 = stats.normalize(F, x3, total, probe, gamma, beta, running_mean, running_var,
                              eps=self.epsilon, momentum=self.momentum, fix_gamma=self.fix_gamma,
                              native=self._native, dtype=dtype)
-        return self._narrowed(F, F.reshape_like(y3, x), x, dtype)
+        y = F.reshape_like(y3, x)
+        return self._narrowed(F, y, x, dtype) if cast else y
 
-    # Half-precision data (float16 after ``net.cast('float16')``, bfloat16 inside a graph
-    # converted by MXNet's AMP) meet float32 parameters, as in MXNet's BatchNorm: the synced
-    # math runs in float32 between two casts, whose gradients come back in the input's type.
-    # float64 data meet float64 parameters (``net.cast('float64')``) and need neither.
+    # Half-precision data (float16 after ``net.cast('float16')``, bfloat16 or float16 inside
+    # a network under MXNet's AMP) meet float32 parameters, as in MXNet's BatchNorm. distbn's
+    # C++ operators read and write float16 themselves (no cast on the CPU's path); the
+    # MXNet-operator graph (GPUs, DISTBN_NATIVE=0) and bfloat16 NDArrays (MXNet's extension
+    # API cannot hand bfloat16 to an operator) run in float32 between two casts, whose
+    # gradients come back in the input's type. Inside a graph under AMP, bfloat16 never
+    # reaches the layer's operators: AMP runs reshape, the layer's first, in float32. float64
+    # data meet float64 parameters (``net.cast('float64')``) and need neither.
 
     @staticmethod
     def _widened(F, x, dtype):
         # amp_cast widens float16/bfloat16 and leaves float32 alone (and float64, which
-        # would then fail the operators' type check with a message naming the parameters).
+        # would then fail MXNet's type check, naming the parameters).
         return x if dtype == "float64" else F.amp_cast(x, dtype="float32")
 
     def _narrowed(self, F, y, x, dtype):
@@ -143,7 +154,7 @@ class BatchNorm(gluon.HybridBlock):
             return F.amp_cast(y, dtype="float16")  # oneDNN's amp_multicast rejects float16
         if getattr(x, "dtype", None) == np.float32:
             return y
-        # The type is known only when the graph runs: float32, or bfloat16 under AMP.
+        # The type is known only when the graph runs: float32, bfloat16 or float16 (AMP).
         return F.amp_multicast(y, F.BlockGrad(x), num_outputs=2, cast_narrow=True)[0]
 
     def __repr__(self):
@@ -151,6 +162,12 @@ class BatchNorm(gluon.HybridBlock):
         return (f"{type(self).__name__}(in_channels={channels}, momentum={self.momentum}, "
                 f"epsilon={self.epsilon}, fix_gamma={self.fix_gamma}, "
                 f"use_global_stats={self.use_global_stats})")
+
+
+def _is_bfloat16(x) -> bool:
+    """Whether ``x`` is a bfloat16 NDArray (a symbol's type is not known)."""
+    from mxnet.contrib.amp.amp import bfloat16  # numpy has none: AMP's structured dtype
+    return getattr(x, "dtype", None) == bfloat16
 
 
 class SyncBatchNorm(BatchNorm):

@@ -78,6 +78,18 @@ def test_step_time_bench_two_workers(tmp_path):
 
 
 @pytest.mark.multiproc
+def test_precision_bench_two_workers(tmp_path):
+    out = tmp_path / "p.json"
+    horovodrun(2, ["bench/precision.py", "--arch", "lenet", "--rounds", "1", "--steps", "2",
+                   "--warmup", "1", "--json", out], timeout=300)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["workers"] == 2 and row["bn"] == "sync" and row["batch_per_worker"] == 128
+    assert row["float32_ms"] > 0 and row["bfloat16_ms"] > 0
+    assert row["bfloat16_vs_float32"] == pytest.approx(row["bfloat16_ms"] / row["float32_ms"],
+                                                       rel=1e-2)
+
+
+@pytest.mark.multiproc
 def test_bn_group_bench_tiny(tmp_path):
     out = tmp_path / "g.json"
     python(["bench/bn_group.py", "--workers", "2", "--groups", "1", "2", "--batch", "8",

@@ -369,6 +369,54 @@ def test_whole_network_hybridized_equals_imperative():
         close(a, b)
 
 
+@pytest.mark.parametrize("hybrid", [False, True])
+@pytest.mark.parametrize("dtype, eps", [("float16", 2.0 ** -11), ("bfloat16", 2.0 ** -8)])
+def test_half_precision_data_in_and_out(dtype, eps, hybrid, kernels):
+    """float16 and bfloat16 data with float32 parameters (as AMP and ``cast('float16')`` make
+    them): output and input gradient in the data's type, equal to the float32 layer's on the
+    same values up to the type's rounding (a few units of ``eps`` of the largest value)."""
+    rs = np.random.RandomState(0)
+    x = 3 + rs.randn(8, 5, 4, 4)
+    w = rs.randn(*x.shape)
+
+    def half(a):  # numpy has no bfloat16: MXNet's AMP names it with a structured dtype
+        from mxnet.contrib.amp.amp import bfloat16
+        return nd.amp_cast(nd.array(a), dtype=bfloat16 if dtype == "bfloat16" else dtype)
+
+    def f32(a):
+        return nd.amp_cast(a, dtype="float32").asnumpy()
+
+    x = f32(half(x))  # values the half type holds exactly: both runs see the same data
+    if dtype == "bfloat16" and hybrid and kernels == "native":
+        # MXNet's extension API cannot pass bfloat16 into a graph's distbn operator (AMP
+        # never does: it runs the layer's reshape in float32); an NDArray is cast instead.
+        layer = distbn.BatchNorm(5)
+        layer.initialize()
+        layer.hybridize()
+        with pytest.raises(mx.base.MXNetError, match="bfloat16 data cannot reach"):
+            layer(half(x)).wait_to_read()
+        return
+    results = {}
+    for kind in ("float32", dtype):
+        layer = distbn.BatchNorm(5)
+        layer.initialize()
+        if kind == "float16":
+            layer.cast("float16")  # as users do; BN's parameters stay float32
+        if hybrid:
+            layer.hybridize()
+        xin = nd.array(x) if kind == "float32" else half(x)
+        xin.attach_grad()
+        with autograd.record():
+            y = layer(xin)
+            loss = (nd.amp_cast(y, dtype="float32") * nd.array(w)).sum()
+        loss.backward()
+        assert y.dtype == xin.dtype and xin.grad.dtype == xin.dtype, (y.dtype, xin.grad.dtype)
+        results[kind] = (f32(y), f32(xin.grad), layer.gamma.grad().asnumpy(),
+                         layer.running_var.data().asnumpy())
+    for got, want in zip(results[dtype], results["float32"]):
+        close(got, want, rtol=8 * eps)
+
+
 def test_wrong_input_is_a_clear_error():
     layer = distbn.BatchNorm(3, num_dims=4)
     layer.initialize()

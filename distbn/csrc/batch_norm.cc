@@ -1,7 +1,9 @@
-// distbn's batch-norm operators for the CPU, float32 or float64 data of any rank >= 2 with
-// channels on axis 1 (parameters and running statistics of the data's type; the layer casts
-// float16 and bfloat16 data to float32 around these operators), loaded into MXNet through its extension API (lib_api.h, shipped in the MXNet wheel)
-// by distbn/native.py. Usable imperatively and inside hybridized graphs (mx.sym ops too).
+// distbn's batch-norm operators for the CPU: float32, float64 or float16 data of any
+// rank >= 2 with channels on axis 1; parameters and running statistics float64 with float64
+// data, float32 otherwise (as MXNet's BatchNorm keeps them); half precision is computed in
+// float32 and stored back in its own type. Loaded into MXNet through its
+// extension API (lib_api.h, shipped in the MXNet wheel) by distbn/native.py. Usable
+// imperatively and inside hybridized graphs (mx.sym ops too).
 //
 //   distbn_bn_stats(x) -> L                       L: float64 (1 + 2C,) = [n, n*m (C), n*(v + m^2) (C)]
 //       this worker's count, and its mean m and biased variance v packed so that a sum over
@@ -11,8 +13,8 @@
 //       attrs: eps, momentum, fix_gamma (gamma read as 1)
 //
 // Why statistics are packed that way: m and v are summed from x minus each channel's first
-// value (of the order of the spread, so row sums in the data's type are exact enough), then combined in
-// double: the global variance S2/N - mu^2 keeps ~1e-16 * mu^2 of error (1e-8 at a mean of 1e4),
+// value (of the order of the spread, so row sums in the data's type are exact enough), then
+// combined in double: the global variance S2/N - mu^2 keeps ~1e-16 * mu^2 of error (1e-8 at a mean of 1e4),
 // where MXNet's own kernel, summing raw float32 values one after another, loses it all.
 //
 // Training or prediction: extension operators are not told MXNet's is_train flag, so the layer
@@ -40,6 +42,52 @@ namespace {
 using Attrs = std::unordered_map<std::string, std::string>;
 
 struct Dims { int64_t n, c, hw; };  // (N, C, everything after axis 1)
+
+// ---- data types ----------------------------------------------------------------------------
+// Storage types of x, y, dx, dy: float32, float64, float16; each is read into Real<T> (float,
+// double for double), the type of the arithmetic within a row and of the parameters and
+// running statistics. (bfloat16 never gets here: MXNet's extension API cannot pass it to an
+// operator, so the layer casts it; under AMP, MXNet casts it before the layer's reshape.)
+using f16 = _Float16;  // GCC >= 12 on x86-64 and aarch64
+
+template <typename T> struct RealOf { using type = float; };
+template <> struct RealOf<double> { using type = double; };
+template <typename T> using Real = typename RealOf<T>::type;
+
+inline float widen(float v) { return v; }
+inline double widen(double v) { return v; }
+inline float widen(f16 v) { return static_cast<float>(v); }
+
+template <typename T> T store(Real<T> v) { return static_cast<T>(v); }
+
+// The parameters' type code for data of type code t.
+int real_code(int t) { return t == kFloat64 ? kFloat64 : kFloat32; }
+
+const char* type_name(int t) {
+  switch (t) {
+    case kFloat32: return "float32";
+    case kFloat64: return "float64";
+    case kFloat16: return "float16";
+    case 12: return "bfloat16";  // mshadow's code; lib_api.h's enum has no name for it
+    default: return "a non-float type";
+  }
+}
+
+MXReturnValue type_error(const char* what, int t, const char* want) {
+  MX_ERROR_MSG << "distbn batch norm: " << what << " is " << type_name(t) << ", expected " << want;
+  return MX_FAIL;
+}
+
+// fn(T{}) for the storage type T of type code t.
+template <typename Fn>
+MXReturnValue by_type(int t, Fn fn) {
+  switch (t) {
+    case kFloat32: return fn(float{});
+    case kFloat64: return fn(double{});
+    case kFloat16: return fn(f16{});
+    default: return type_error("x", t, "float32, float64 or float16");
+  }
+}
 
 Dims dims_of(MXTensor& x) {
   Dims d{x.shape[0], x.shape[1], 1};
@@ -71,8 +119,8 @@ void zero(MXTensor* t) {
 }
 
 // Per channel c: the sums of f1(a, b) and of f2(a, b) over N and the trailing axes, in one
-// pass; in T within a row (vectorized: summed in any order), double across rows. ``b`` may
-// be null (then f1, f2 get a twice).
+// pass; in Real<T> within a row (vectorized: summed in any order), double across rows. ``b``
+// may be null (then f1, f2 get a twice).
 template <typename T, typename F1, typename F2>
 std::pair<double, double> channel_sums(const T* a, const T* b, const Dims& d, int64_t c,
                                        F1 f1, F2 f2) {
@@ -80,23 +128,17 @@ std::pair<double, double> channel_sums(const T* a, const T* b, const Dims& d, in
   for (int64_t i = 0; i < d.n; ++i) {
     const T* ra = a + (i * d.c + c) * d.hw;
     const T* rb = b ? b + (i * d.c + c) * d.hw : ra;
-    T r1 = 0, r2 = 0;
+    Real<T> r1 = 0, r2 = 0;
 #pragma omp simd reduction(+ : r1, r2)
-    for (int64_t j = 0; j < d.hw; ++j) { r1 += f1(ra[j], rb[j]); r2 += f2(ra[j], rb[j]); }
+    for (int64_t j = 0; j < d.hw; ++j) {
+      const Real<T> u = widen(ra[j]), v = widen(rb[j]);
+      r1 += f1(u, v);
+      r2 += f2(u, v);
+    }
     s1 += r1;
     s2 += r2;
   }
   return {s1, s2};
-}
-
-bool real(int t);
-const char* type_name(int t);
-
-MXReturnValue type_error(const char* what, int t) {
-  MX_ERROR_MSG << "distbn batch norm: " << what << " is " << type_name(t) << "; the operators "
-               << "take float32 or float64 data (the layer casts float16 and bfloat16 to "
-               << "float32) and float64 statistics";
-  return MX_FAIL;
 }
 
 // ---- distbn_bn_stats ---------------------------------------------------------------------
@@ -105,16 +147,17 @@ template <typename T>
 MXReturnValue stats_forward_t(std::vector<MXTensor>* in, std::vector<MXTensor>* out) {
   MXTensor& X = (*in)[0];
   const Dims d = dims_of(X);
+  using R = Real<T>;
   const T* x = X.data<T>();
   double* L = (*out)[0].data<double>();
   const double n = static_cast<double>(d.n * d.hw);
   L[0] = n;
 #pragma omp parallel for if (d.n * d.c * d.hw >= kParallelMin)
   for (int64_t c = 0; c < d.c; ++c) {
-    const T shift = x[c * d.hw];
+    const R shift = widen(x[c * d.hw]);
     const auto [s1, s2] = channel_sums(
-        x, static_cast<const T*>(nullptr), d, c, [shift](T v, T) { return v - shift; },
-        [shift](T v, T) { const T e = v - shift; return e * e; });
+        x, static_cast<const T*>(nullptr), d, c, [shift](R v, R) { return v - shift; },
+        [shift](R v, R) { const R e = v - shift; return e * e; });
     const double md = s1 / n;
     const double var = std::max(s2 / n - md * md, 0.0);
     const double m = shift + md;
@@ -126,9 +169,7 @@ MXReturnValue stats_forward_t(std::vector<MXTensor>* in, std::vector<MXTensor>* 
 
 MXReturnValue stats_forward(const Attrs&, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
                             const OpResource&) {
-  if (!real((*in)[0].dtype)) return type_error("x", (*in)[0].dtype);
-  return (*in)[0].dtype == kFloat64 ? stats_forward_t<double>(in, out)
-                                    : stats_forward_t<float>(in, out);
+  return by_type((*in)[0].dtype, [&](auto t) { return stats_forward_t<decltype(t)>(in, out); });
 }
 
 // in: dL, x, L   out: dx.  L1 = sum(x), L2 = sum(x^2), so dx = dL1 + 2 dL2 x, computed as
@@ -140,19 +181,20 @@ MXReturnValue stats_backward_t(std::vector<MXTensor>* in, std::vector<MXTensor>*
   MXTensor& X = (*in)[1];
   const double* L = (*in)[2].data<double>();
   const Dims d = dims_of(X);
+  using R = Real<T>;
   const T* x = X.data<T>();
   T* dx = (*out)[0].data<T>();
 #pragma omp parallel for if (d.n * d.c * d.hw >= kParallelMin)
   for (int64_t c = 0; c < d.c; ++c) {
     const double m = L[1 + c] / L[0];
-    const T a = static_cast<T>(dL[1 + c] + 2 * dL[1 + d.c + c] * m);
-    const T b = static_cast<T>(2 * dL[1 + d.c + c]);
-    const T mt = static_cast<T>(m);
+    const R a = static_cast<R>(dL[1 + c] + 2 * dL[1 + d.c + c] * m);
+    const R b = static_cast<R>(2 * dL[1 + d.c + c]);
+    const R mr = static_cast<R>(m);
     for (int64_t i = 0; i < d.n; ++i) {
       const T* row = x + (i * d.c + c) * d.hw;
       T* o = dx + (i * d.c + c) * d.hw;
 #pragma omp simd
-      for (int64_t j = 0; j < d.hw; ++j) o[j] = a + b * (row[j] - mt);
+      for (int64_t j = 0; j < d.hw; ++j) o[j] = store<T>(a + b * (widen(row[j]) - mr));
     }
   }
   return MX_SUCCESS;
@@ -160,8 +202,7 @@ MXReturnValue stats_backward_t(std::vector<MXTensor>* in, std::vector<MXTensor>*
 
 MXReturnValue stats_backward(const Attrs&, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
                              const OpResource&) {
-  return (*in)[1].dtype == kFloat64 ? stats_backward_t<double>(in, out)
-                                    : stats_backward_t<float>(in, out);
+  return by_type((*in)[1].dtype, [&](auto t) { return stats_backward_t<decltype(t)>(in, out); });
 }
 
 MXReturnValue stats_parse(const Attrs&, int* n_in, int* n_out) {
@@ -170,22 +211,18 @@ MXReturnValue stats_parse(const Attrs&, int* n_in, int* n_out) {
   return MX_SUCCESS;
 }
 
-bool real(int t) { return t == kFloat32 || t == kFloat64; }
-
-const char* type_name(int t) {
-  switch (t) {
-    case kFloat32: return "float32";
-    case kFloat64: return "float64";
-    case kFloat16: return "float16";
-    case 12: return "bfloat16";  // mshadow's code; lib_api.h has no name for it
-    default: return "a non-float type";
-  }
-}
-
 // Type functions only fill in what they can and never fail: MXNet's AMP calls them with trial
 // types while it converts a graph (and stops on a failure instead of trying another), so the
-// kernels check the types they are given (check_types) and fail with the message.
-MXReturnValue stats_type(const Attrs&, std::vector<int>*, std::vector<int>* out) {
+// kernels check the types they are given and fail with the message.
+// The one refusal: bfloat16 (mshadow's 12), which MXNet's extension API cannot pass to an
+// operator (AMP never sends it here: it runs the layer's reshape in float32).
+MXReturnValue stats_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  if ((*in)[0] == 12) {
+    MX_ERROR_MSG << "distbn batch norm: bfloat16 data cannot reach distbn's operators inside a "
+                    "graph (MXNet's extension API cannot pass bfloat16): use MXNet's AMP "
+                    "(amp.init or amp.convert_hybrid_block), which hands the layer float32";
+    return MX_FAIL;
+  }
   (*out)[0] = kFloat64;
   return MX_SUCCESS;
 }
@@ -227,29 +264,30 @@ MXReturnValue apply_forward_t(const Attrs& attrs, std::vector<MXTensor>* in,
   const bool fix_gamma = flag(attrs, "fix_gamma");
   MXTensor& X = (*in)[0];
   const Dims d = dims_of(X);
+  using R = Real<T>;
   const T* x = X.data<T>();
   const double* G = (*in)[1].data<double>();
   const bool training = is_training((*in)[2]);
-  const T* gamma = (*in)[3].data<T>();
-  const T* beta = (*in)[4].data<T>();
-  T* rm = (*in)[5].data<T>();
-  T* rv = (*in)[6].data<T>();
+  const R* gamma = (*in)[3].data<R>();
+  const R* beta = (*in)[4].data<R>();
+  R* rm = (*in)[5].data<R>();
+  R* rv = (*in)[6].data<R>();
   T* y = (*out)[0].data<T>();
 #pragma omp parallel for if (d.n * d.c * d.hw >= kParallelMin)
   for (int64_t c = 0; c < d.c; ++c) {
     const Channel s = channel_stats(G, d.c, c, training, rm, rv);
     const double invstd = 1.0 / std::sqrt(s.var + eps);
     const double scale = (fix_gamma ? 1.0 : gamma[c]) * invstd;
-    const T k = static_cast<T>(scale), m = static_cast<T>(s.mean), b = beta[c];
+    const R k = static_cast<R>(scale), m = static_cast<R>(s.mean), b = beta[c];
     for (int64_t i = 0; i < d.n; ++i) {
       const T* row = x + (i * d.c + c) * d.hw;
       T* yrow = y + (i * d.c + c) * d.hw;
 #pragma omp simd
-      for (int64_t j = 0; j < d.hw; ++j) yrow[j] = (row[j] - m) * k + b;
+      for (int64_t j = 0; j < d.hw; ++j) yrow[j] = store<T>((widen(row[j]) - m) * k + b);
     }
     if (training) {  // moving = momentum * moving + (1 - momentum) * batch, biased variance
-      rm[c] = static_cast<T>(mom * rm[c] + (1 - mom) * s.mean);
-      rv[c] = static_cast<T>(mom * rv[c] + (1 - mom) * s.var);
+      rm[c] = static_cast<R>(mom * rm[c] + (1 - mom) * s.mean);
+      rv[c] = static_cast<R>(mom * rv[c] + (1 - mom) * s.var);
     }
   }
   return MX_SUCCESS;
@@ -259,17 +297,15 @@ MXReturnValue apply_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                             std::vector<MXTensor>* out, const OpResource&) {
   static const char* names[] = {"x", "G", "probe", "gamma", "beta", "running_mean", "running_var"};
   const int t = (*in)[0].dtype;
-  if (!real(t)) return type_error("x", t);
-  if ((*in)[1].dtype != kFloat64) return type_error("G", (*in)[1].dtype);
+  if ((*in)[1].dtype != kFloat64) return type_error("G", (*in)[1].dtype, "float64");
   for (size_t i = 2; i < in->size(); ++i)
-    if ((*in)[i].dtype != t) {
+    if ((*in)[i].dtype != real_code(t)) {
       MX_ERROR_MSG << "distbn batch norm: " << names[i] << " is " << type_name((*in)[i].dtype)
-                   << ", x " << type_name(t) << ": the parameters must have the data's type "
-                   << "(net.cast(...) casts both)";
+                   << " for " << type_name(t) << " data, expected " << type_name(real_code(t))
+                   << " (float64 parameters go with float64 data: net.cast('float64'))";
       return MX_FAIL;
     }
-  return (*in)[0].dtype == kFloat64 ? apply_forward_t<double>(attrs, in, out)
-                                    : apply_forward_t<float>(attrs, in, out);
+  return by_type(t, [&](auto v) { return apply_forward_t<decltype(v)>(attrs, in, out); });
 }
 
 // in:  dy, x, G, probe, gamma, beta, running_mean, running_var, y
@@ -279,19 +315,20 @@ MXReturnValue apply_backward_t(const Attrs& attrs, std::vector<MXTensor>* in,
                                std::vector<MXTensor>* out) {
   const double eps = attr(attrs, "eps", 1e-5);
   const bool fix_gamma = flag(attrs, "fix_gamma");
+  using R = Real<T>;
   const T* dy = (*in)[0].data<T>();
   MXTensor& X = (*in)[1];
   const Dims d = dims_of(X);
   const T* x = X.data<T>();
   const double* G = (*in)[2].data<double>();
   const bool training = is_training((*in)[3]);
-  const T* gamma = (*in)[4].data<T>();
-  const T* rm = (*in)[6].data<T>();
-  const T* rv = (*in)[7].data<T>();
+  const R* gamma = (*in)[4].data<R>();
+  const R* rm = (*in)[6].data<R>();
+  const R* rv = (*in)[7].data<R>();
   T* dx = (*out)[0].data<T>();
   double* dG = (*out)[1].data<double>();
-  T* dgamma = (*out)[3].data<T>();
-  T* dbeta = (*out)[4].data<T>();
+  R* dgamma = (*out)[3].data<R>();
+  R* dbeta = (*out)[4].data<R>();
   zero(&(*out)[1]);  // the count's entry stays 0: n is not a function of x
   for (size_t k = 2; k < out->size(); ++k) if (k != 3 && k != 4) zero(&(*out)[k]);
   const double N = training ? G[0] : 1.0;
@@ -300,12 +337,12 @@ MXReturnValue apply_backward_t(const Attrs& attrs, std::vector<MXTensor>* in,
     const Channel s = channel_stats(G, d.c, c, training, rm, rv);
     const double invstd = 1.0 / std::sqrt(s.var + eps);
     const double g = fix_gamma ? 1.0 : gamma[c];
-    const T m = static_cast<T>(s.mean);
+    const R m = static_cast<R>(s.mean);
     const auto [sdy, sdyx] = channel_sums(
-        x, dy, d, c, [](T, T e) { return e; }, [m](T v, T e) { return e * (v - m); });
-    dbeta[c] = static_cast<T>(sdy);
-    dgamma[c] = fix_gamma ? T(0) : static_cast<T>(sdyx * invstd);
-    const T k = static_cast<T>(g * invstd);
+        x, dy, d, c, [](R, R e) { return e; }, [m](R v, R e) { return e * (v - m); });
+    dbeta[c] = static_cast<R>(sdy);
+    dgamma[c] = fix_gamma ? R(0) : static_cast<R>(sdyx * invstd);
+    const R k = static_cast<R>(g * invstd);
     if (training) {  // gradient with respect to the global sums in G
       const double dmean = -g * invstd * sdy;
       const double dvar = -0.5 * g * invstd * invstd * invstd * sdyx;
@@ -316,7 +353,7 @@ MXReturnValue apply_backward_t(const Attrs& attrs, std::vector<MXTensor>* in,
       const T* e = dy + (i * d.c + c) * d.hw;
       T* o = dx + (i * d.c + c) * d.hw;
 #pragma omp simd
-      for (int64_t j = 0; j < d.hw; ++j) o[j] = k * e[j];
+      for (int64_t j = 0; j < d.hw; ++j) o[j] = store<T>(k * widen(e[j]));
     }
   }
   return MX_SUCCESS;
@@ -324,8 +361,7 @@ MXReturnValue apply_backward_t(const Attrs& attrs, std::vector<MXTensor>* in,
 
 MXReturnValue apply_backward(const Attrs& attrs, std::vector<MXTensor>* in,
                              std::vector<MXTensor>* out, const OpResource&) {
-  return (*in)[1].dtype == kFloat64 ? apply_backward_t<double>(attrs, in, out)
-                                    : apply_backward_t<float>(attrs, in, out);
+  return by_type((*in)[1].dtype, [&](auto v) { return apply_backward_t<decltype(v)>(attrs, in, out); });
 }
 
 MXReturnValue apply_parse(const Attrs&, int* n_in, int* n_out) {
@@ -334,14 +370,12 @@ MXReturnValue apply_parse(const Attrs&, int* n_in, int* n_out) {
   return MX_SUCCESS;
 }
 
-// x, probe, gamma, beta and the running statistics share one type, float32 or float64 (the
-// first one known; checked when the kernel runs); G is float64.
+// y has x's type; probe, gamma, beta and the running statistics x's Real type (float64 for
+// float64 data, float32 otherwise: real_code); G is float64. Fills in, checked when it runs.
 MXReturnValue apply_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
-  int t = -1;
-  for (size_t i = 0; i < in->size(); ++i)
-    if (i != 1 && (*in)[i] != -1 && t == -1) t = (*in)[i];
-  for (size_t i = 0; i < in->size(); ++i)
-    if ((*in)[i] == -1) (*in)[i] = i == 1 ? kFloat64 : t;
+  const int t = (*in)[0];
+  for (size_t i = 1; i < in->size(); ++i)
+    if ((*in)[i] == -1 && (i == 1 || t != -1)) (*in)[i] = i == 1 ? kFloat64 : real_code(t);
   (*out)[0] = t;
   return MX_SUCCESS;
 }

@@ -214,6 +214,7 @@ def test_bfloat16_trains_close_to_float32_and_is_recorded(tmp_path, np_):
         assert 1e-6 < abs(a["train_loss"] - b["train_loss"]) < 0.1, (a, b)
     summary = json.loads((bf / "summary.json").read_text())
     assert summary["precision"] == "bfloat16"
+    assert "precision: bfloat16" in (bf / "config.yaml").read_text()  # TensorBoard's config text
     assert summary["param_max_deviation_across_workers"] == 0.0
     assert summary["moving_stats_max_deviation_across_workers"] == 0.0
 

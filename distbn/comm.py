@@ -74,19 +74,26 @@ class Comm:
         return _hvd.broadcast(x, root_rank=root, name=name)
 
     def broadcast_parameters(self, params, root: int = 0, prefix: str = "bcast"):
-        """Overwrite Gluon parameters (a ParameterDict or dict) with root's values.
+        """Overwrite Gluon parameters (a ParameterDict or dict) with root's values; see
+        :func:`broadcast_parameters` for what it checks and accepts.
 
         One out-of-place broadcast per parameter, in name order, then ``set_data``: a CI run
         once crashed (segfault on rank 0) inside Horovod's in-place broadcast_parameters, so
-        distbn does not use it. Pending writes (initialization) finish first.
+        distbn does not use it. Each value goes through a copy in MXNet's default layout:
+        after a hybridized (static_alloc) network ran on the CPU, convolution weights can sit
+        in oneDNN's blocked layout, which Horovod cannot read ("We can't generate TBlob for
+        MKLDNN data"). Pending writes (initialization) finish first.
         """
+        _check_shapes(params)
         if self.size == 1:
             return
         import mxnet as mx
         mx.nd.waitall()
         for name, param in sorted(params.items()):
             self._issued(f"{prefix}.{name}")
-            param.set_data(_hvd.broadcast(param.data(), root_rank=root, name=f"{prefix}.{name}"))
+            value = param.data()
+            plain = value.copyto(mx.nd.empty(value.shape, ctx=value.context, dtype=value.dtype))
+            param.set_data(_hvd.broadcast(plain, root_rank=root, name=f"{prefix}.{name}"))
         mx.nd.waitall()
 
     def trainer(self, params, optimizer: str, optimizer_params: dict):
@@ -142,6 +149,34 @@ class Comm:
         if self.rank not in group.ranks:
             raise ValueError(f"rank {self.rank} is not a member of the group {group.ranks}")
         return group.size
+
+
+def _check_shapes(params) -> None:
+    """Raises when a parameter has no value to send yet, saying what to do first."""
+    for name, param in sorted(params.items()):
+        if param._data is not None:
+            continue
+        if param._deferred_init:
+            raise RuntimeError(
+                f"parameter {name} has no shape yet (deferred initialization: shape "
+                f"{param.shape}); run one forward pass first, e.g. net(x) on a batch, or give "
+                f"the layers their input sizes (in_channels=...)")
+        raise RuntimeError(f"parameter {name} is not initialized: call net.initialize() first")
+
+
+def broadcast_parameters(params_or_block, root: int = 0, prefix: str = "distbn.bcast") -> None:
+    """Every worker's parameters set to ``root``'s values: a Gluon ``Block`` (all its
+    parameters, BN running statistics included), a ``ParameterDict`` or a dict of name to
+    ``Parameter``. Call it on every worker at the same point, after ``initialize`` (and after
+    loading pretrained weights on root), before training.
+
+    Works whatever layout MXNet left the arrays in (after a hybridized network ran on the CPU,
+    oneDNN's); a network whose shapes are still deferred raises, naming the parameter and
+    what to do first (one forward pass). One process: only the checks."""
+    params = params_or_block
+    if hasattr(params_or_block, "collect_params"):
+        params = params_or_block.collect_params()
+    get_comm().broadcast_parameters(params, root=root, prefix=prefix)
 
 
 _COMM: Optional[Comm] = None

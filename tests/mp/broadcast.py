@@ -1,0 +1,56 @@
+"""Worker: distbn.broadcast_parameters after the sequence that breaks Horovod's broadcast (a
+hybridized static_alloc model-zoo ResNet-18, a prediction-mode pass at batch 16: convolution
+weights left in oneDNN's blocked layout, ../shared/STACK.md). Every rank starts from values of
+its own; afterwards every parameter, running statistics included, must equal rank 0's. Exits
+non-zero otherwise. ``--via horovod`` broadcasts with Horovod's own ``hvd.broadcast`` per
+parameter instead: the control, which fails on oneDNN's layout.
+
+    horovodrun -np 2 python tests/mp/broadcast.py --bn sync
+"""
+import argparse
+import hashlib
+import sys
+
+import mxnet as mx
+from mxnet import nd
+from mxnet.gluon.model_zoo import vision
+
+import distbn
+
+
+def digest(net) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(net.collect_params().items()):
+        h.update(name.encode() + p.data().asnumpy().tobytes())
+    return h.hexdigest()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bn", choices=["sync", "gluon"], default="sync")
+    ap.add_argument("--via", choices=["distbn", "horovod"], default="distbn")
+    args = ap.parse_args()
+    comm = distbn.get_comm()
+    net = vision.resnet18_v1(classes=10)
+    if args.bn == "sync":
+        distbn.convert_sync_batchnorm(net)
+    mx.random.seed(comm.rank)  # different values on every rank
+    net.initialize(mx.init.Xavier())
+    net.hybridize(static_alloc=True)
+    net(nd.random.uniform(shape=(16, 1, 28, 28))).wait_to_read()  # prediction mode
+    before = comm.allgather_object(digest(net))
+    if args.via == "distbn":
+        distbn.broadcast_parameters(net)
+    else:
+        import horovod.mxnet as hvd
+        for name, p in sorted(net.collect_params().items()):
+            p.set_data(hvd.broadcast(p.data(), root_rank=0, name=name))
+    after = comm.allgather_object(digest(net))
+    ok = len(set(before)) == comm.size and len(set(after)) == 1 and after[0] == before[0]
+    print(f"rank {comm.rank}/{comm.size} bn={args.bn} distinct before: {len(set(before))}, "
+          f"after: {len(set(after))}: {'OK' if ok else 'FAILED'}", flush=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

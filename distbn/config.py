@@ -56,7 +56,7 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "run"
+    name: str = "lenet_syncbn"  # the defaults are configs/lenet_syncbn.yaml's settings
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,9 +1,12 @@
-"""Data-parallel LeNet on Fashion-MNIST.
+"""Data-parallel training on Fashion-MNIST with synced batch norm.
 
-    horovodrun -np 4 python -m distbn.train --config configs/lenet_syncbn.yaml
-    python -m distbn.train --config configs/lenet_syncbn.yaml        # one process: GPU 0 or CPU
+    horovodrun -np 4 python -m distbn.train     # the book's LeNet with sync BN, 4 workers
+    python -m distbn.train                      # the same in one process: GPU 0 or CPU
+    python -m distbn.train --config configs/resnet18_syncbn.yaml --set train.epochs=1
 
-Options: ``--set KEY=VALUE`` (repeatable) overrides the YAML; ``--run-dir DIR`` names the run
+Without ``--config`` the built-in defaults train (``configs/lenet_syncbn.yaml`` holds the same
+values), into ``./runs``. Options: ``--set KEY=VALUE`` (repeatable) overrides the YAML or the
+defaults; ``--run-dir DIR`` names the run
 directory (default ``log.dir/NAME-TIMESTAMP``); ``--resume`` continues from the newest complete
 checkpoint in ``--run-dir`` (same command as the original run, plus ``--resume``).
 """
@@ -62,7 +65,8 @@ def fail(msg: str, code: int = 2, is_root: Optional[bool] = None, shared: bool =
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m distbn.train", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", help="YAML config (configs/*.yaml)")
+    ap.add_argument("--config", help="YAML config (configs/*.yaml); default: the built-in "
+                                     "settings, the book's LeNet with sync BN (lenet_syncbn)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set train.epochs=2 (repeatable)")
     ap.add_argument("--run-dir", help="run directory (default: log.dir/NAME-TIMESTAMP)")
@@ -95,9 +99,9 @@ def resolve_config(args) -> tuple:
     saved = run_dir / "config.yaml" if run_dir else None
     if args.resume and run_dir is None:
         raise ConfigError("--resume needs --run-dir (the run to continue)")
-    if args.config is None and not (args.resume and saved.is_file()):
-        raise ConfigError("--config is required (or --resume with a --run-dir that has config.yaml)")
-    cfg = load_config(args.config or str(saved), args.overrides)
+    if args.config is None and args.resume and saved.is_file():
+        args.config = str(saved)
+    cfg = load_config(args.config, args.overrides)  # no --config: the built-in defaults
     if args.resume and saved.is_file():
         before = _flatten(load_config(str(saved)).to_dict())
         now = _flatten(cfg.to_dict())
@@ -303,7 +307,7 @@ def check(cfg: Config, run_dir: Path) -> None:
 
 def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     from . import precision
-    from .comm import get_comm
+    from .comm import broadcast_parameters, get_comm
     from .runlog import open_run_log
     from .storage import StorageError
     from .watchdog import Watchdog
@@ -326,7 +330,7 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     # it stops, and the others stop with it at that collective.
     log = open_run_log(comm.rank == 0, run_dir, dump_config(cfg), cfg.to_dict(),
                        cfg.log.progress, cfg.log.histograms, checkpoint_bytes(cfg, net))
-    comm.broadcast_parameters(net.collect_params(), prefix="distbn.init")
+    broadcast_parameters(net, prefix="distbn.init")
     opt = {"learning_rate": cfg.train.lr, "momentum": cfg.train.momentum}
     trainer = comm.trainer(net.collect_params(), "sgd", opt)
     precision.prepare_trainer(cfg.train.precision, trainer)
@@ -339,10 +343,11 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
 
 def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -> dict:
     from . import precision
+    from .comm import broadcast_parameters
     from .models import bn_layers
 
     start, global_step = resume_point(comm, run_dir, net, trainer, log, cfg.train.lr) if resume else (1, 0)
-    comm.broadcast_parameters(net.collect_params(), prefix="distbn.resume")
+    broadcast_parameters(net, prefix="distbn.resume")
     via = " over Gloo" if comm.engine else ""
     log.info(f"{cfg.name}: {cfg.model.arch}, {comm.size} worker(s) on {ctx}, bn={cfg.model.bn}"
              f"{via if cfg.model.bn == 'sync' else ''}"

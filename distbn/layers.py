@@ -46,7 +46,9 @@ from .engine import allreduce_op
 
 class BatchNorm(gluon.HybridBlock):
     """Batch norm over this worker's batch (MXNet's BatchNorm operator, as Gluon's layer);
-    Gluon's arguments, or the book's ``BatchNorm(num_features, num_dims)``.
+    Gluon's arguments, or the book's ``BatchNorm(num_features, num_dims)``. Input (N, C, ...),
+    output of the same shape and type; parameters ``gamma``, ``beta``, ``running_mean``,
+    ``running_var`` of shape (C,).
 
     ``in_channels`` (the book's ``num_features``; 0: from the first input) comes first, then
     ``num_dims`` (optional: 2 after a dense layer, 4 after a convolution; checked on
@@ -173,8 +175,15 @@ def _is_bfloat16(x) -> bool:
 class SyncBatchNorm(BatchNorm):
     """``BatchNorm`` whose training-mode statistics are those of the global batch.
 
-    The global batch is the union of the batches of all workers (or of ``process_set``, a
-    :class:`distbn.comm.Group`). One packed all-reduce in forward and one in backward per
+    Arguments: those of :class:`BatchNorm` (``in_channels``, ``num_dims``, Gluon's keywords),
+    plus ``num_devices`` (contrib's; unused), ``key`` (the collectives' name; default: the
+    block's prefix) and ``process_set`` (a :class:`distbn.comm.Group`; default: all workers).
+    Input (N, C, ...) of float32, float64, float16 (bfloat16 under MXNet's AMP); output of the
+    same shape and type. What runs: with one worker MXNet's BatchNorm operator; with several,
+    on the CPU distbn's C++ operators and the Gloo all-reduce (:mod:`distbn.engine`), on GPUs
+    MXNet's operators and the same all-reduce through host memory (never executed).
+
+    The global batch is the union of the batches of all workers (or of ``process_set``). One packed all-reduce in forward and one in backward per
     training step, named after ``key`` (default: the block's prefix), so networks must be
     built in the same order on every rank. Uneven per-worker batches are weighted by their
     counts (a worker may hold a single example). With one worker it does no collective and

@@ -131,3 +131,15 @@ def test_where_each_precision_can_train(precision, gpu, mkldnn, flags, why):
     from distbn.precision import unsupported
     got = unsupported(precision, gpu, mkldnn, flags)
     assert (got is None) if why is None else (why in got), got
+
+
+def test_defaults_are_the_lenet_syncbn_config():
+    """``python -m distbn.train`` with no --config trains these settings."""
+    assert load_config(None) == load_config(str(ROOT / "configs" / "lenet_syncbn.yaml"))
+
+
+def test_api_page_lists_every_public_name():
+    import distbn
+    page = (ROOT / "docs" / "api.md").read_text()
+    missing = [name for name in distbn.__all__ if f"distbn.{name}" not in page]
+    assert not missing, missing

@@ -227,3 +227,31 @@ def test_float16_on_the_cpu_is_refused_with_one_line(tmp_path):
                                    "only (MXNet has no float16 convolution on the CPU); on CPUs "
                                    "use bfloat16"], out
     assert not run_dir.exists()
+
+
+def _no_config_run(tmp_path, np_):
+    """``python -m distbn.train`` with no --config, from a folder of its own (not the
+    repository), on a few examples: the run directory appears under ./runs there."""
+    import os
+    import sys
+    from conftest import HOROVODRUN
+    tiny = ["--set", "data.limit=256", "--set", "data.test_limit=100", "--set", "train.epochs=1",
+            "--set", "log.progress=false"]
+    cmd = [sys.executable, "-W", "ignore", "-m", "distbn.train", *tiny]
+    if np_ > 1:
+        cmd = [str(HOROVODRUN), "-np", str(np_), "-H", f"localhost:{np_}", *cmd]
+    env = {**os.environ, **ENV}  # the installed package (the README's install is editable)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    (run_dir,) = (tmp_path / "runs").glob("lenet_syncbn-*")
+    return run_dir, out
+
+
+@pytest.mark.parametrize("np_", [1, pytest.param(2, marks=pytest.mark.multiproc)])
+def test_no_arguments_trains_the_books_lenet_with_sync_bn(tmp_path, np_):
+    run_dir, out = _no_config_run(tmp_path, np_)
+    assert "lenet_syncbn: lenet" in out and "bn=sync" in out, out
+    (record,) = read_metrics(run_dir)
+    assert record["workers"] == np_ and record["bn"] == "sync" and np.isfinite(record["train_loss"])

@@ -36,7 +36,7 @@ class TrainConfig:
     momentum: float = 0.0     # SGD momentum (the book uses plain SGD)
     seed: int = 0
     stall_timeout: float = 300.0  # seconds without a finished step before a worker gives up; 0: off
-    precision: str = "float32"  # float32 | bfloat16 (CPU) | float16 (GPU): MXNet's AMP (distbn.precision)
+    precision: str = "float32"  # or bfloat16 (CPU), float16 (GPU): AMP (distbn.precision)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from typing import Optional
 
 import numpy as np
 from mxnet import gluon
+from mxnet.contrib.amp.amp import bfloat16  # numpy has none: AMP's structured dtype
 
 from . import native, stats
 from .comm import Group, get_comm
@@ -168,7 +169,6 @@ class BatchNorm(gluon.HybridBlock):
 
 def _is_bfloat16(x) -> bool:
     """Whether ``x`` is a bfloat16 NDArray (a symbol's type is not known)."""
-    from mxnet.contrib.amp.amp import bfloat16  # numpy has none: AMP's structured dtype
     return getattr(x, "dtype", None) == bfloat16
 
 
@@ -183,14 +183,14 @@ class SyncBatchNorm(BatchNorm):
     on the CPU distbn's C++ operators and the Gloo all-reduce (:mod:`distbn.engine`), on GPUs
     MXNet's operators and the same all-reduce through host memory (never executed).
 
-    The global batch is the union of the batches of all workers (or of ``process_set``). One packed all-reduce in forward and one in backward per
-    training step, named after ``key`` (default: the block's prefix), so networks must be
-    built in the same order on every rank. Uneven per-worker batches are weighted by their
-    counts (a worker may hold a single example). With one worker it does no collective and
-    equals ``BatchNorm``.
+    The global batch is the union of the batches of all workers (or of ``process_set``). One
+    packed all-reduce in forward and one in backward per training step, named after ``key``
+    (default: the block's prefix), so networks must be built in the same order on every rank.
+    Uneven per-worker batches are weighted by their counts (a worker may hold a single example).
+    With one worker it does no collective and equals ``BatchNorm``.
 
-    Also takes ``mx.gluon.contrib.nn.SyncBatchNorm``'s ``num_devices``, which means nothing
-    here (Horovod runs one device per process), so swapping the class is a one-word change.
+    Also takes ``mx.gluon.contrib.nn.SyncBatchNorm``'s ``num_devices``, which means nothing here
+    (Horovod runs one device per process), so swapping the class is a one-word change.
     """
 
     def __init__(self, in_channels: int = 0, num_dims: Optional[int] = None, *,

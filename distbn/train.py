@@ -99,9 +99,8 @@ def resolve_config(args) -> tuple:
     saved = run_dir / "config.yaml" if run_dir else None
     if args.resume and run_dir is None:
         raise ConfigError("--resume needs --run-dir (the run to continue)")
-    if args.config is None and args.resume and saved.is_file():
-        args.config = str(saved)
-    cfg = load_config(args.config, args.overrides)  # no --config: the built-in defaults
+    path = args.config or (str(saved) if args.resume and saved.is_file() else None)
+    cfg = load_config(path, args.overrides)  # neither: the built-in defaults
     if args.resume and saved.is_file():
         before = _flatten(load_config(str(saved)).to_dict())
         now = _flatten(cfg.to_dict())

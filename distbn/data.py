@@ -40,6 +40,10 @@ class DataError(RuntimeError):
     """A data file is missing, corrupt or malformed; the message names the file."""
 
 
+class DataNotFound(DataError):
+    """No copy anywhere, and the download failed or was disabled."""
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "distbn" / "fashion-mnist"
@@ -127,13 +131,11 @@ def _locate(name: str, data_dir: Optional[os.PathLike], download: bool,
     if download:
         try:
             return _download(name, cache_dir(), checksums)
-        except DataError:
-            raise
         except OSError as e:  # URLError, timeouts, refused connections: all end in the same advice
             reason = f"download failed ({e})"
     else:
         reason = "download disabled"
-    raise DataError(
+    raise DataNotFound(
         f"Fashion-MNIST file {name} not found; looked in: " + ", ".join(searched) +
         f"; {reason}. Get the data with `apt-get install dataset-fashion-mnist` (Debian), or put "
         f"the four official .gz files in a folder and pass it as data.dir / DISTBN_DATA_DIR.")
@@ -207,3 +209,34 @@ def iterate_batches(images: np.ndarray, labels: np.ndarray, indices: np.ndarray,
 
 def num_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
+
+
+def ensure(data_dir: Optional[os.PathLike] = None) -> List[Path]:
+    """Every Fashion-MNIST file found (downloaded where missing) and verified; their paths.
+    What ``launch/install.sh`` runs, so that training finds the data it needs."""
+    paths = []
+    for name in (*_file_names(True), *_file_names(False)):
+        path = _locate(name, data_dir, True, RAW_SHA256)
+        _verified_bytes(path, name, RAW_SHA256)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    """``python -m distbn.data``: exit 0 when the four files are there and verified (found or
+    downloaded), 3 when they are nowhere and cannot be downloaded, 1 for a corrupt file."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m distbn.data", description=main.__doc__)
+    ap.add_argument("--dir", help="look here first (default: $DISTBN_DATA_DIR)")
+    args = ap.parse_args(argv)
+    try:
+        paths = ensure(args.dir)
+    except DataError as e:
+        print(f"distbn.data: {e}", file=sys.stderr)
+        return 3 if isinstance(e, DataNotFound) else 1
+    print("Fashion-MNIST verified: " + ", ".join(sorted({str(p.parent) for p in paths})))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

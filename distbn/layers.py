@@ -40,7 +40,7 @@ import numpy as np
 from mxnet import gluon
 from mxnet.contrib.amp.amp import bfloat16  # numpy has none: AMP's structured dtype
 
-from . import native, stats
+from . import hardware, native, stats
 from .comm import Group, get_comm
 from .engine import allreduce_op
 
@@ -109,6 +109,9 @@ class BatchNorm(gluon.HybridBlock):
             if x.ndim < 2 or x.shape[1] != gamma.shape[0]:
                 raise ValueError(f"{self.name}: expected {gamma.shape[0]} channels on axis 1, "
                                  f"got shape {x.shape}")
+            if _is_bfloat16(x) and hardware.bfloat16_unsupported():
+                raise TypeError(f"{self.name}: bfloat16 data cannot run here: "
+                                f"{hardware.bfloat16_unsupported()}; use float32")
         sync = None if self.use_global_stats else self._allreduce_key()
         if sync is None:  # this worker's statistics (or frozen ones): MXNet's operator
             y = F.BatchNorm(x, gamma, beta, running_mean, running_var, eps=self.epsilon,

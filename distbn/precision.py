@@ -9,47 +9,35 @@ checkpoint resumes in any precision. float16 also needs loss scaling (its range 
 bfloat16 has float32's): ``amp.init_trainer`` and ``amp.scale_loss``.
 
 Where each can run (checked before anything is built, with a one-line error otherwise):
-bfloat16 on CPUs with oneDNN (MXNet's CPU build) and AVX-512 (oneDNN's bfloat16 kernels);
-float16 on GPUs (MXNet has no float16 convolution on the CPU).
+bfloat16 on CPUs where oneDNN runs a bfloat16 convolution (AVX-512; asked of oneDNN itself by
+:mod:`distbn.hardware`); float16 on GPUs (MXNet has no float16 convolution on the CPU).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 
+from . import hardware
 from .config import ConfigError
 
 
-def cpu_flags() -> set:
-    """The CPU's feature flags (Linux /proc/cpuinfo), empty where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def unsupported(precision: str, on_gpu: bool, mkldnn: bool, flags: set):
-    """Why ``precision`` cannot train here, or None."""
+def unsupported(precision: str, on_gpu: bool, bfloat16_why=None):
+    """Why ``precision`` cannot train here, or None. ``bfloat16_why``: what the CPU probe
+    said (:func:`distbn.hardware.bfloat16_unsupported`; None: bfloat16 runs)."""
     if precision == "float16" and not on_gpu:
         return ("train.precision float16 trains on GPUs only (MXNet has no float16 convolution "
                 "on the CPU); on CPUs use bfloat16")
     if precision == "bfloat16" and on_gpu:
         return "train.precision bfloat16 is MXNet's CPU mixed precision; on GPUs use float16"
-    if precision == "bfloat16" and not (mkldnn and "avx512f" in flags):
-        return ("train.precision bfloat16 needs MXNet with oneDNN and a CPU with AVX-512 "
-                f"(oneDNN: {'yes' if mkldnn else 'no'}, avx512f: "
-                f"{'yes' if 'avx512f' in flags else 'no'})")
+    if precision == "bfloat16" and bfloat16_why:
+        return f"train.precision bfloat16 cannot run here: {bfloat16_why}; use float32"
     return None
 
 
 def check(precision: str, ctx) -> None:
     """Raises ConfigError when ``precision`` cannot train on ``ctx``."""
-    import mxnet as mx
-    why = unsupported(precision, ctx.device_type == "gpu",
-                      mx.runtime.Features().is_enabled("MKLDNN"), cpu_flags())
+    on_gpu = ctx.device_type == "gpu"
+    probe = precision == "bfloat16" and not on_gpu  # the probe runs oneDNN: only when asked
+    why = unsupported(precision, on_gpu, hardware.bfloat16_unsupported() if probe else None)
     if why:
         raise ConfigError(why)
 

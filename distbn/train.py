@@ -317,11 +317,11 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     if cfg.train.batch_size % comm.size:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by the "
                           f"{comm.size} workers")
+    ctx = device(comm)
+    precision.check(cfg.train.precision, ctx)  # the cheap checks first
     data = load_data(cfg)  # before any file is written: missing data leaves nothing behind
     if len(data.train_x) < comm.size:
         raise ConfigError(f"data.limit {len(data.train_x)} gives fewer examples than workers")
-    ctx = device(comm)
-    precision.check(cfg.train.precision, ctx)
     precision.start(cfg.train.precision)  # AMP changes the operators the network is built from
     np.random.seed(cfg.train.seed + comm.rank)
     net = build_model(cfg, ctx, bn_group(cfg, comm))

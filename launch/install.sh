@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install distbn into ./.venv on a fresh machine: Gloo's headers and library (Debian's
 # libgloo-dev, for distbn's sync all-reduce), MXNet (CPU or CUDA 11.2 build), Horovod compiled
-# against it (MXNet + Gloo, plus NCCL on GPU machines), then distbn itself.
+# against it (MXNet + Gloo, plus NCCL on GPU machines), then distbn itself; and Fashion-MNIST
+# where no copy is found (a download, else Debian's dataset-fashion-mnist as root).
 #
 #   launch/install.sh            # auto: CUDA build if `nvidia-smi -L` lists a GPU, else CPU
 #   DISTBN_DEVICE=gpu launch/install.sh   # force mxnet-cu112 (needs CUDA 11.2, cuDNN 8, NCCL 2)
@@ -54,13 +55,29 @@ verify() {
   "$VENV/bin/python" -W ignore -c 'import horovod.mxnet as hvd, distbn; hvd.init(); assert hvd.size() == 1'
 }
 
+# Fashion-MNIST, which the trainer reads: found and verified where a copy is (DISTBN_DATA_DIR,
+# the user cache, Debian's copy), else downloaded into the cache, else, as root, Debian's
+# dataset-fashion-mnist package; otherwise distbn.data's message says what to do.
+ensure_data() {
+  local code=0
+  "$VENV/bin/python" -W ignore -m distbn.data 2>/dev/null && return 0 || code=$?
+  if [ "$code" = 3 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "Fashion-MNIST: no copy here and no download; installing Debian's dataset-fashion-mnist"
+    apt_install dataset-fashion-mnist || die "apt-get install dataset-fashion-mnist failed"
+  fi
+  "$VENV/bin/python" -W ignore -m distbn.data || die "no Fashion-MNIST to train on (see above)"
+}
+
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
+}
+
 # Gloo for distbn's own operator (Horovod builds its own copy from its sources, internally).
 if [ ! -f /usr/include/gloo/allreduce_halving_doubling.h ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing Debian's libgloo-dev (Gloo, the sync layers' collective library)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev >/dev/null 2>&1 ||
-      { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libgloo-dev >/dev/null; } ||
-      die "apt-get install libgloo-dev failed"
+    apt_install libgloo-dev || die "apt-get install libgloo-dev failed"
   else
     die "Gloo's headers are missing: run 'sudo apt-get install libgloo-dev' (Debian 12 / Ubuntu 22.04 and later), then again"
   fi
@@ -68,6 +85,7 @@ fi
 
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && verify; then
   log "up to date ($device build in $VENV)"
+  ensure_data
   exit 0
 fi
 
@@ -114,4 +132,5 @@ log "building distbn's C++ batch-norm operators (distbn/csrc) against the instal
   die "could not build distbn/csrc (needs g++ and libgloo-dev; see the message above)"
 verify || die "verification failed: Horovod cannot run with MXNet in $VENV"
 echo "$stamp" > "$stamp_file"
+ensure_data
 log "done ($device build in $VENV)"

@@ -7,11 +7,21 @@ from pathlib import Path
 
 import pytest
 
+from distbn import hardware
+
 ROOT = Path(__file__).resolve().parents[1]
 MP = ROOT / "tests" / "mp"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist"
 BIN = Path(sys.executable).parent
 HOROVODRUN = BIN / "horovodrun"
+
+# bfloat16 follows the hardware (distbn.hardware's probe asks oneDNN): its tests run where
+# the CPU can, and are skipped with the probe's reason where it cannot (an AVX2-only CPU).
+BFLOAT16_WHY = hardware.bfloat16_unsupported()
+needs_bfloat16 = pytest.mark.skipif(BFLOAT16_WHY is not None,
+                                    reason=f"bfloat16 cannot run here: {BFLOAT16_WHY}")
+# oneDNN as on a CPU without AVX-512 (it reads this when it starts), for the refusals' tests.
+NO_AVX512 = {"DNNL_MAX_CPU_ISA": "AVX2"}
 
 
 def horovodrun(np_, args, timeout=180, env=None, check=True):

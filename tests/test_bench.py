@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHARED_DATA, horovodrun, python
+from conftest import ROOT, SHARED_DATA, horovodrun, needs_bfloat16, python
 
 sys.path.insert(0, str(ROOT / "bench"))
 ENV = {"DISTBN_DATA_DIR": str(SHARED_DATA)}
@@ -77,6 +77,7 @@ def test_step_time_bench_two_workers(tmp_path):
         assert r["sync_vs_gluon"] == pytest.approx(r["sync_ms"] / r["gluon_ms"], rel=1e-2)
 
 
+@needs_bfloat16
 @pytest.mark.multiproc
 def test_precision_bench_two_workers(tmp_path):
     out = tmp_path / "p.json"

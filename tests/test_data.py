@@ -236,3 +236,37 @@ def test_iterate_batches_shapes_and_values():
     assert x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
     np.testing.assert_allclose(x[:, 0] * 255, images[idx], atol=1e-3)
     np.testing.assert_array_equal(y, labels[idx])
+
+
+# --- the install step: python -m distbn.data ----------------------------------------------
+
+def test_ensure_finds_and_verifies_a_copy_without_fetching(shared_data, monkeypatch, capsys):
+    monkeypatch.setenv("DISTBN_DATA_DIR", str(shared_data))
+    assert data.main([]) == 0
+    assert f"Fashion-MNIST verified: {shared_data}" in capsys.readouterr().out
+    assert not data.cache_dir().exists()  # nothing downloaded
+
+
+def test_ensure_downloads_what_is_missing_then_finds_it(serve, shared_data, capsys):
+    serve(shared_data)
+    assert data.main([]) == 0
+    assert len(list(data.cache_dir().iterdir())) == 4
+    serve(shared_data.parent)  # a server without the files: a second run must not need it
+    assert data.main([]) == 0
+    assert f"verified: {data.cache_dir()}" in capsys.readouterr().out
+
+
+def test_ensure_says_not_found_with_its_own_exit_code(capsys):
+    """3 tells launch/install.sh to try Debian's package; a corrupt copy is 1 (no package
+    would fix it: the message says to delete the file)."""
+    assert data.main([]) == 3
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_ensure_names_a_corrupt_copy(tmp_path, shared_data, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(shared_data, bad)
+    (bad / "t10k-labels-idx1-ubyte.gz").chmod(0o644)
+    (bad / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0" * 100))
+    assert data.main(["--dir", str(bad)]) == 1
+    assert "t10k-labels-idx1-ubyte.gz: SHA-256" in capsys.readouterr().err

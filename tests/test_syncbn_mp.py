@@ -1,7 +1,7 @@
 """SyncBatchNorm under horovodrun on the CPU (Gloo): every case bounded by a timeout."""
 import pytest
 
-from conftest import MP, horovodrun, python
+from conftest import MP, horovodrun, needs_bfloat16, python
 
 pytestmark = pytest.mark.multiproc
 
@@ -61,7 +61,7 @@ def test_local_bn_is_caught_by_the_same_check_in_half_and_double(dtype):
 
 
 @pytest.mark.parametrize("np_", [2, 4])
-@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+@pytest.mark.parametrize("precision", [pytest.param("bfloat16", marks=needs_bfloat16), "float16"])
 def test_amp_network_as_close_to_float64_as_gluon_under_amp(np_, precision):
     """MXNet's AMP: bfloat16 by convert_hybrid_block (CPU), float16 by amp.init with loss
     scaling through Horovod's trainer (a BN-only network: no float16 convolutions on CPUs);
@@ -71,7 +71,7 @@ def test_amp_network_as_close_to_float64_as_gluon_under_amp(np_, precision):
     assert out.count(": OK") == np_, out
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+@pytest.mark.parametrize("precision", [pytest.param("bfloat16", marks=needs_bfloat16), "float16"])
 def test_amp_local_bn_is_caught_by_the_same_check(precision):
     code, out = horovodrun(2, [MP / "amp_equivalence.py", "--amp", precision, "--layer", "local"],
                            timeout=240, check=False)

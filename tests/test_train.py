@@ -10,7 +10,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from conftest import BIN, SHARED_DATA, horovodrun, python
+from conftest import BIN, NO_AVX512, SHARED_DATA, horovodrun, needs_bfloat16, python
 
 ENV = {"DISTBN_DATA_DIR": str(SHARED_DATA)}
 SMOKE = ["-m", "distbn.train", "--config", "configs/smoke.yaml", "--set", "log.progress=false"]
@@ -198,6 +198,7 @@ def test_bn_groups_sync_within_groups_only(tmp_path):
     assert code != 0 and "model.bn_group 3 does not divide the 4 workers" in out, out[-2000:]
 
 
+@needs_bfloat16
 @pytest.mark.parametrize("np_", [1, pytest.param(2, marks=pytest.mark.multiproc)])
 def test_bfloat16_trains_close_to_float32_and_is_recorded(tmp_path, np_):
     """train.precision bfloat16 (MXNet's AMP on the CPU): recorded in metrics.jsonl and
@@ -217,6 +218,23 @@ def test_bfloat16_trains_close_to_float32_and_is_recorded(tmp_path, np_):
     assert "precision: bfloat16" in (bf / "config.yaml").read_text()  # TensorBoard's config text
     assert summary["param_max_deviation_across_workers"] == 0.0
     assert summary["moving_stats_max_deviation_across_workers"] == 0.0
+
+
+@pytest.mark.parametrize("how", ["--check", "run"])
+def test_bfloat16_on_a_cpu_without_it_is_refused_with_one_line(tmp_path, how):
+    """oneDNN capped at AVX2 (as on an AMD EPYC without AVX-512): the probe's one line, exit 2,
+    no oneDNN message and no run directory, before the data are read."""
+    run_dir = tmp_path / "bf16"
+    args = SMOKE + ["--run-dir", str(run_dir), "--set", "train.precision=bfloat16"]
+    code, out = python(args + (["--check"] if how == "--check" else []),
+                       env={**ENV, **NO_AVX512}, check=False)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, out
+    assert lines[0].startswith("distbn.train: error: train.precision bfloat16 cannot run here: "
+                               "MXNet's oneDNN has no bfloat16 convolution on this CPU, it "
+                               "needs AVX-512 ("), out
+    assert "DNNL_MAX_CPU_ISA=AVX2" in lines[0] and lines[0].endswith("; use float32"), out
+    assert not run_dir.exists()
 
 
 def test_float16_on_the_cpu_is_refused_with_one_line(tmp_path):

@@ -67,7 +67,7 @@ def measure(channels: int, steps: int) -> dict:
 
 def resnet50_widths() -> list:
     from mxnet.gluon.model_zoo import vision
-    from distbn.models import bn_layers
+    from distbn.convert import bn_layers
     net = vision.resnet50_v1(classes=1000)
     net.initialize()
     import mxnet as mx

@@ -14,6 +14,7 @@ import yaml
 from .models import BN_CHOICES, known_arch
 
 PRECISIONS = ("float32", "bfloat16", "float16")  # train.precision (distbn.precision)
+PRECISE_BN_DEFAULT = 10240  # docs/results.md, "Statistics to evaluate with": chosen by measurement
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,9 @@ class TrainConfig:
     seed: int = 0
     stall_timeout: float = 300.0  # seconds without a finished step before a worker gives up; 0: off
     precision: str = "float32"  # or bfloat16 (CPU), float16 (GPU): AMP (distbn.precision)
+    # Examples (over all workers) from which BN statistics are re-estimated before each
+    # evaluation (distbn.update_bn_stats); 0: evaluate with the running averages only.
+    precise_bn: int = PRECISE_BN_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ def _validate(cfg: Config) -> Config:
          "train.lr", "must be a positive finite number"),
         (0 <= cfg.train.momentum < 1, "train.momentum", "must be in [0, 1)"),
         (cfg.train.stall_timeout >= 0, "train.stall_timeout", "must be 0 (off) or positive"),
+        (cfg.train.precise_bn >= 0, "train.precise_bn", "must be 0 (off) or a number of examples"),
         (cfg.train.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}"),
         (cfg.data.limit is None or cfg.data.limit >= 1, "data.limit", "must be at least 1"),
         (cfg.data.test_limit is None or cfg.data.test_limit >= 1, "data.test_limit",

@@ -43,6 +43,27 @@ def _replace(bn, cls, extra: dict) -> BatchNorm:
     return new
 
 
+def bn_layers(net: gluon.Block) -> list:
+    """Every batch-norm layer of ``net`` (Gluon's, contrib's ``SyncBatchNorm``, distbn's), in
+    the order of its children, each once."""
+    found = []
+
+    def walk(block):
+        if isinstance(block, (BatchNorm, gluon.nn.BatchNorm)) and block not in found:
+            found.append(block)
+        for child in block._children.values():
+            walk(child)
+    walk(net)
+    return found
+
+
+def uses_global_stats(layer) -> bool:
+    """Whether a batch-norm layer normalizes with its running statistics in training too."""
+    if isinstance(layer, BatchNorm):
+        return bool(layer.use_global_stats)
+    return bool(layer._kwargs["use_global_stats"])  # Gluon's and contrib's: the operator's
+
+
 def convert_sync_batchnorm(block: gluon.Block, process_set: Optional[Group] = None) -> gluon.Block:
     """Return ``block`` with every ``gluon.nn.BatchNorm`` (contrib's ``SyncBatchNorm``
     included) and ``distbn.BatchNorm`` replaced by a ``SyncBatchNorm`` over all workers (or

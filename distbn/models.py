@@ -80,15 +80,3 @@ def lenet(bn: str = "sync", process_set=None) -> gluon.nn.HybridSequential:
     net.add(gluon.nn.Dense(10, in_units=84))
     return net
 
-
-def bn_layers(net: gluon.Block):
-    """The network's batch-norm layers, in order (for TensorBoard histograms)."""
-    found = []
-
-    def walk(block):
-        if isinstance(block, (BatchNorm, gluon.nn.BatchNorm)):
-            found.append(block)
-        for child in block._children.values():
-            walk(child)
-    walk(net)
-    return found

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import checkpoint, storage
-from .models import bn_layers
+from .convert import bn_layers
 
 
 class _NullBar:
@@ -119,7 +119,8 @@ class RunLog(NullRunLog):
         self._check_tensorboard()
         storage.append_line(self.run_dir / "metrics.jsonl", json.dumps(metrics))
         e = metrics["epoch"]
-        for key in ("train_loss", "train_acc", "test_acc", "epoch_seconds", "examples_per_second"):
+        for key in ("train_loss", "train_acc", "test_acc", "test_acc_ema", "epoch_seconds",
+                    "examples_per_second", "precise_bn_seconds"):
             self._add("add_scalar", f"epoch/{key}", metrics[key], e)
         if self._histograms:
             for i, layer in enumerate(bn_layers(net)):
@@ -129,7 +130,8 @@ class RunLog(NullRunLog):
             self._tb.flush()
         self._check_tensorboard()
         self.info(f"epoch {e}: loss {metrics['train_loss']:.4f}, train acc "
-                  f"{metrics['train_acc']:.3f}, test acc {metrics['test_acc']:.3f}, "
+                  f"{metrics['train_acc']:.3f}, test acc {metrics['test_acc']:.3f} "
+                  f"(running averages {metrics['test_acc_ema']:.3f}), "
                   f"{metrics['epoch_seconds']:.1f} s, {metrics['examples_per_second']:.0f} ex/s")
 
     def save_checkpoint(self, epoch: int, global_step: int, net, trainer, config: dict) -> None:

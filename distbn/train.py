@@ -80,6 +80,7 @@ def parse_args(argv=None):
 
 # Keys that may change between a run and its resumption.
 _RESUMABLE_CHANGES = {"train.epochs", "train.lr", "train.stall_timeout", "train.precision",
+                      "train.precise_bn",
                       "log.every_steps", "log.histograms", "log.progress"}
 
 
@@ -226,6 +227,12 @@ def _injected_skip(rank: int) -> Optional[int]:
     return None
 
 
+def test_accuracy(cfg, comm, net, data, ctx, tag: str) -> float:
+    correct, count = evaluate(cfg, comm, net, data, ctx)
+    correct, count = global_sums(comm, f"distbn.metrics.test.{tag}", correct, count)
+    return correct / count
+
+
 def evaluate(cfg, comm, net, data, ctx):
     """Accuracy on the whole test set, each example on exactly one worker."""
     import mxnet as mx
@@ -236,6 +243,23 @@ def evaluate(cfg, comm, net, data, ctx):
     for X, y in iterate_batches(data.test_x, data.test_y, idx, 1000, ctx):
         correct += (net(X).argmax(axis=1) == y).sum()
     return correct, len(idx)
+
+
+def reestimate(cfg, comm, net, data, ctx, epoch) -> float:
+    """Population statistics for evaluation (distbn.update_bn_stats) from ``train.precise_bn``
+    examples over all workers: the first of each worker's shard of this epoch, in training
+    batches. Every worker's shard has the same length, so all run the same batch count.
+    Returns the seconds it took."""
+    from .data import iterate_batches, shard_indices
+    from .precise_bn import update_bn_stats
+
+    t0 = time.perf_counter()
+    per_worker = max(1, cfg.train.precise_bn // comm.size)
+    idx = shard_indices(len(data.train_x), comm.rank, comm.size, epoch, cfg.train.seed)[:per_worker]
+    batches = list(iterate_batches(data.train_x, data.train_y, idx,  # a list: counted at once
+                                   cfg.train.batch_size // comm.size, ctx))
+    update_bn_stats(net, batches)
+    return time.perf_counter() - t0
 
 
 def global_sums(comm, name, *values):
@@ -343,7 +367,7 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
 def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -> dict:
     from . import precision
     from .comm import broadcast_parameters
-    from .models import bn_layers
+    from .convert import bn_layers
 
     start, global_step = resume_point(comm, run_dir, net, trainer, log, cfg.train.lr) if resume else (1, 0)
     broadcast_parameters(net, prefix="distbn.resume")
@@ -361,10 +385,15 @@ def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -
             epoch, cfg, comm, net, trainer, data, ctx, log, global_step, watchdog)
         loss_sum, correct, count = global_sums(comm, "distbn.metrics.train", loss_sum, correct, count)
         seconds = time.perf_counter() - t0
-        test_correct, test_count = evaluate(cfg, comm, net, data, ctx)
-        test_correct, test_count = global_sums(comm, "distbn.metrics.test", test_correct, test_count)
+        test_acc_ema = test_acc = test_accuracy(cfg, comm, net, data, ctx, "ema")
+        precise_seconds = 0.0
+        if cfg.train.precise_bn and bn_layers(net):
+            watchdog.beat(f"epoch {epoch} BN statistics")
+            precise_seconds = reestimate(cfg, comm, net, data, ctx, epoch)
+            test_acc = test_accuracy(cfg, comm, net, data, ctx, "precise")
         last = {"epoch": epoch, "train_loss": loss_sum / count, "train_acc": correct / count,
-                "test_acc": test_correct / test_count, "epoch_seconds": seconds,
+                "test_acc": test_acc, "test_acc_ema": test_acc_ema,
+                "precise_bn_seconds": precise_seconds, "epoch_seconds": seconds,
                 "examples_per_second": count / seconds, "workers": comm.size,
                 "global_step": global_step, "bn": cfg.model.bn,
                 "precision": cfg.train.precision}

@@ -15,7 +15,7 @@ from mxnet import autograd, gluon, nd
 from mxnet.gluon.model_zoo import vision
 
 import distbn
-from distbn import models, native
+from distbn import convert, models, native
 from distbn.comm import get_comm
 from conftest import needs_bfloat16
 
@@ -290,7 +290,7 @@ def test_converter_keeps_values_and_the_trainer_continues_identically(bn):
     names = sorted(net.collect_params())
     converted = distbn.convert_sync_batchnorm(net)
     assert converted is net and sorted(converted.collect_params()) == names
-    assert [type(b) for b in models.bn_layers(converted)] == [distbn.SyncBatchNorm] * 4
+    assert [type(b) for b in convert.bn_layers(converted)] == [distbn.SyncBatchNorm] * 4
     for a, b in zip(_values(converted), before):
         np.testing.assert_array_equal(a, b)
     x = nd.array(np.random.RandomState(3).rand(16, 1, 28, 28))
@@ -321,7 +321,7 @@ def test_converter_on_model_zoo_networks(arch, when):
     got = net(x).asnumpy()
     if want is not None:
         close(got, want)  # same parameters, prediction unchanged
-    assert all(isinstance(b, distbn.SyncBatchNorm) for b in models.bn_layers(net))
+    assert all(isinstance(b, distbn.SyncBatchNorm) for b in convert.bn_layers(net))
     with autograd.record():
         y = net(x)
     y.backward()

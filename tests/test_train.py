@@ -82,18 +82,30 @@ def test_two_workers_local_bn_moving_stats_differ(tmp_path):
 
 @pytest.mark.multiproc
 def test_sharded_test_accuracy_equals_one_process_accuracy(tmp_path):
-    """The 2-worker run's test accuracy equals a single-process evaluation of its parameters."""
+    """The 2-worker run's test accuracy equals a single-process evaluation of its parameters:
+    the checkpoint holds the re-estimated statistics (train.precise_bn), whose accuracy is
+    test_acc, not test_acc_ema's (the running averages')."""
     from distbn import models
     from distbn.data import load_fashion_mnist
 
     run_dir, _, _ = train(tmp_path, "two", np_=2, extra=["--set", "train.epochs=1"])
-    reported = read_metrics(run_dir)[-1]["test_acc"]
+    reported, running = (read_metrics(run_dir)[-1][k] for k in ("test_acc", "test_acc_ema"))
     net = models.lenet("sync")
     net.load_parameters(str(run_dir / "checkpoints/epoch-0001/model.params"))
     x, y = load_fashion_mnist(SHARED_DATA, train=False)
     x, y = x[:500], y[:500]  # smoke.yaml: data.test_limit 500
     pred = net(mx.nd.array(x[:, None].astype(np.float32) / 255)).argmax(axis=1).asnumpy()
-    assert reported == (pred == y).mean()
+    assert reported == (pred == y).mean() and abs(reported - running) > 0.05, (reported, running)
+
+
+def test_precise_bn_is_recorded_and_can_be_turned_off(tmp_path):
+    on, _, out = train(tmp_path, "on")
+    off, _, _ = train(tmp_path, "off", extra=["--set", "train.precise_bn=0"])
+    assert "(running averages " in out, out
+    for a, b in zip(read_metrics(on), read_metrics(off)):
+        assert a["precise_bn_seconds"] > 0 and a["test_acc"] != a["test_acc_ema"]
+        assert b["precise_bn_seconds"] == 0 and b["test_acc"] == b["test_acc_ema"]
+        assert a["train_loss"] == b["train_loss"]  # training itself is unchanged
 
 
 @pytest.mark.parametrize("np_", [1, pytest.param(2, marks=pytest.mark.multiproc)])
@@ -142,7 +154,8 @@ def test_tensorboard_server_shows_scalars_and_histograms(tmp_path):
         deadline = time.time() + 90
         tags = _get_json(f"{base}/scalars/tags", deadline)
         run = next(iter(tags))
-        assert {"epoch/train_loss", "epoch/test_acc", "step/loss", "step/lr"} <= set(tags[run])
+        assert {"epoch/train_loss", "epoch/test_acc", "epoch/test_acc_ema", "step/loss",
+                "step/lr"} <= set(tags[run])
         q = urllib.parse.urlencode({"run": run, "tag": "epoch/test_acc"})
         points = _get_json(f"{base}/scalars/scalars?{q}", deadline)
         assert [p[1] for p in points] == [1, 2]  # (wall time, step, value) per epoch

@@ -92,8 +92,11 @@ class Comm:
         for name, param in sorted(params.items()):
             self._issued(f"{prefix}.{name}")
             value = param.data()
+            numpy_mode = isinstance(value, mx.np.ndarray)  # Horovod takes legacy NDArrays
+            value = value.as_nd_ndarray() if numpy_mode else value
             plain = value.copyto(mx.nd.empty(value.shape, ctx=value.context, dtype=value.dtype))
-            param.set_data(_hvd.broadcast(plain, root_rank=root, name=f"{prefix}.{name}"))
+            got = _hvd.broadcast(plain, root_rank=root, name=f"{prefix}.{name}")
+            param.set_data(got.as_np_ndarray() if numpy_mode else got)
         mx.nd.waitall()
 
     def trainer(self, params, optimizer: str, optimizer_params: dict):

@@ -13,13 +13,11 @@ from .layers import BatchNorm, SyncBatchNorm
 def _settings(bn) -> dict:
     """The constructor arguments that rebuild ``bn`` (Gluon's, contrib's or distbn's)."""
     if isinstance(bn, BatchNorm):
-        return dict(num_dims=bn.num_dims, momentum=bn.momentum, epsilon=bn.epsilon,
-                    scale=not bn.fix_gamma, use_global_stats=bn.use_global_stats,
-                    fuse_relu=bn.fuse_relu)
+        return dict(num_dims=bn.num_dims, axis=bn.axis, momentum=bn.momentum,
+                    epsilon=bn.epsilon, scale=not bn.fix_gamma,
+                    use_global_stats=bn.use_global_stats, fuse_relu=bn.fuse_relu)
     kw = bn._kwargs
-    if kw.get("axis", 1) != 1:
-        raise ValueError(f"{bn.name}: only channel axis 1 (NCHW / NC) is supported, got {kw['axis']}")
-    return dict(momentum=kw["momentum"], epsilon=kw["eps"], scale=not kw["fix_gamma"],
+    return dict(axis=kw["axis"], momentum=kw["momentum"], epsilon=kw["eps"], scale=not kw["fix_gamma"],
                 use_global_stats=kw["use_global_stats"], fuse_relu=getattr(bn, "fuse_relu", False))
 
 
@@ -31,7 +29,8 @@ def _replace(bn, cls, extra: dict) -> BatchNorm:
     # Gluon shares a Parameter only when the new layer asks for the same grad_req: take the
     # trainable flags from the parameters as they are now (a gamma frozen by the user stays
     # frozen), and whether gamma is read at all from the layer's settings.
-    new = cls(bn.gamma.shape[0], prefix=bn.prefix, params=bn.params,
+    channels = max(bn.gamma.shape[0], 0)  # numpy mode spells an unknown size -1
+    new = cls(channels, prefix=bn.prefix, params=bn.params,
               beta_initializer=bn.beta.init, gamma_initializer=bn.gamma.init,
               running_mean_initializer=bn.running_mean.init,
               running_variance_initializer=bn.running_var.init,

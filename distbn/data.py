@@ -3,7 +3,8 @@
 Files are looked up, each on its own, in this order:
   1. the ``data_dir`` argument, or else the ``DISTBN_DATA_DIR`` environment variable;
   2. the user cache ``~/.cache/distbn/fashion-mnist`` (``$XDG_CACHE_HOME`` respected);
-  3. the copy Debian's ``dataset-fashion-mnist`` package installs (``/usr/share/datasets/fashion-mnist``);
+  3. the copy Debian's ``dataset-fashion-mnist`` package installs (``/usr/share/datasets/fashion-mnist``,
+     or ``$DISTBN_SYSTEM_DATA_DIR``);
   4. otherwise the official file is downloaded into the user cache (temporary file, then rename).
 A file may be gzip-compressed (``NAME.gz``) or raw (``NAME``). Every file is verified by the
 SHA-256 of its *decompressed* bytes, so the official gz files and Debian's re-compressed ones
@@ -32,7 +33,8 @@ RAW_SHA256 = {
 }
 # Official download location, as listed in the Zalando repository's README.
 DEFAULT_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Debian's dataset-fashion-mnist (DISTBN_SYSTEM_DATA_DIR: elsewhere, e.g. nowhere in tests).
+SYSTEM_DIR = Path(os.environ.get("DISTBN_SYSTEM_DATA_DIR", "/usr/share/datasets/fashion-mnist"))
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 
 
@@ -162,10 +164,11 @@ def load_fashion_mnist(data_dir: Optional[os.PathLike] = None, train: bool = Tru
 
 
 def shard_indices(n: int, rank: int, size: int, epoch: int, seed: int,
-                  drop_last: bool = False) -> np.ndarray:
+                  drop_last: bool = False, shuffle: bool = True) -> np.ndarray:
     """This worker's example indices for one epoch.
 
-    A permutation of range(n) drawn from (seed, epoch) is dealt round-robin to the workers.
+    A permutation of range(n) drawn from (seed, epoch) (range(n) itself without ``shuffle``)
+    is dealt round-robin to the workers.
     Every worker gets the same count, ``n // size`` with ``drop_last`` (the tail is dropped)
     or ``ceil(n / size)`` without it (the permutation wraps around to pad), so every worker
     runs the same number of batches: a worker with fewer would leave the others waiting in a
@@ -175,12 +178,53 @@ def shard_indices(n: int, rank: int, size: int, epoch: int, seed: int,
         raise ValueError(f"rank {rank} is not in a world of size {size}")
     if n < size and (drop_last or n == 0):
         raise ValueError(f"{n} examples cannot be shared by {size} workers")
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     per_worker = n // size if drop_last else -(-n // size)
     total = per_worker * size
     if total > n:
         perm = np.resize(perm, total)  # pad by wrapping around the permutation
     return perm[rank:total:size]
+
+
+class ShardSampler:
+    """A Gluon sampler (``gluon.data.DataLoader(dataset, sampler=...)``, or
+    ``gluon.data.BatchSampler``) of this worker's share of a data set of ``length`` examples,
+    of the same length on every worker, so that all run the same number of batches.
+
+    MXNet's ``Dataset.shard`` gives the first ``length % workers`` shards one example more;
+    with ``last_batch='keep'`` those workers then run one more step and the others wait in
+    its collectives forever (horovod.mxnet has no ``join``). Here ``last='pad'`` (the default,
+    as PyTorch's DistributedSampler) repeats examples from the start of the epoch's
+    permutation to fill the last shards, ``last='drop'`` drops the tail. With ``shuffle`` the
+    permutation is redrawn each epoch from (seed, epoch), the same on every worker: call
+    :meth:`set_epoch` before each epoch. ``workers``/``rank`` default to distbn's communicator.
+    """
+
+    def __init__(self, length: int, workers: Optional[int] = None, rank: Optional[int] = None,
+                 shuffle: bool = True, seed: int = 0, last: str = "pad"):
+        if last not in ("pad", "drop"):
+            raise ValueError(f"last must be 'pad' or 'drop', got {last!r}")
+        if workers is None or rank is None:
+            from .comm import get_comm
+            comm = get_comm()
+            workers = comm.size if workers is None else workers
+            rank = comm.rank if rank is None else rank
+        self.length, self.workers, self.rank = length, workers, rank
+        self.shuffle, self.seed, self.last, self.epoch = shuffle, seed, last, 0
+        self._indices()  # checks the arguments now rather than at the first epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> np.ndarray:
+        return shard_indices(self.length, self.rank, self.workers, self.epoch, self.seed,
+                             drop_last=self.last == "drop", shuffle=self.shuffle)
+
+    def __iter__(self):
+        return iter(self._indices().tolist())
+
+    def __len__(self) -> int:
+        return self.length // self.workers if self.last == "drop" else -(-self.length // self.workers)
 
 
 def eval_indices(n: int, rank: int, size: int) -> np.ndarray:

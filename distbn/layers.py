@@ -38,6 +38,7 @@ from typing import Optional
 
 import numpy as np
 from mxnet import gluon
+from mxnet.util import is_np_array
 from mxnet.contrib.amp.amp import bfloat16  # numpy has none: AMP's structured dtype
 
 from . import hardware, native, stats
@@ -53,8 +54,9 @@ class BatchNorm(gluon.HybridBlock):
 
     ``in_channels`` (the book's ``num_features``; 0: from the first input) comes first, then
     ``num_dims`` (optional: 2 after a dense layer, 4 after a convolution; checked on
-    imperative calls). The rest are ``gluon.nn.BatchNorm``'s keywords; only ``axis=1``
-    (channels first) is supported.
+    imperative calls). The rest are ``gluon.nn.BatchNorm``'s keywords; ``axis`` (default 1,
+    channels first) may be any axis of the input, negative ones counted from the end (-1:
+    channels last, NHWC). Legacy NDArrays and, under ``npx.set_np()``, ``mx.np`` arrays.
     """
 
     def __init__(self, in_channels: int = 0, num_dims: Optional[int] = None, *, axis: int = 1,
@@ -64,9 +66,9 @@ class BatchNorm(gluon.HybridBlock):
                  running_mean_initializer="zeros", running_variance_initializer="ones",
                  **kwargs):
         super().__init__(**kwargs)
-        if axis != 1:
-            raise ValueError(f"distbn batch norm supports channels on axis 1 (NCHW, NC) only, "
-                             f"got axis={axis}")
+        if not isinstance(axis, int) or isinstance(axis, bool):
+            raise TypeError(f"axis must be an int, got {axis!r}")
+        self.axis = axis
         if num_dims not in (None, 2, 4):
             raise ValueError(f"num_dims must be 2 (after a dense layer), 4 (after a convolution) "
                              f"or None, got {num_dims}")
@@ -103,31 +105,48 @@ class BatchNorm(gluon.HybridBlock):
         return None
 
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
+        if is_np_array():
+            # Numpy mode (``npx.set_np()``): the same graph, on legacy views of the arrays or
+            # symbols. ``as_nd_ndarray`` and ``as_np_ndarray`` are shallow copies (the same
+            # memory, no operator in a graph, recorded by autograd), so the running statistics
+            # stay the variables their operators update in place.
+            args = (a.as_nd_ndarray() for a in (x, gamma, beta, running_mean, running_var))
+            return self._forward(F, *args).as_np_ndarray()
+        return self._forward(F, x, gamma, beta, running_mean, running_var)
+
+    def _forward(self, F, x, gamma, beta, running_mean, running_var):
         if hasattr(x, "ndim"):  # imperative call: check what a graph would reject less clearly
-            if self.num_dims is not None and x.ndim != self.num_dims:
-                raise ValueError(f"{self.name}: expected {self.num_dims}-D input, got shape {x.shape}")
-            if x.ndim < 2 or x.shape[1] != gamma.shape[0]:
-                raise ValueError(f"{self.name}: expected {gamma.shape[0]} channels on axis 1, "
-                                 f"got shape {x.shape}")
-            if _is_bfloat16(x) and hardware.bfloat16_unsupported():
-                raise TypeError(f"{self.name}: bfloat16 data cannot run here: "
-                                f"{hardware.bfloat16_unsupported()}; use float32")
+            self._check_input(x, gamma)
         sync = None if self.use_global_stats else self._allreduce_key()
         if sync is None:  # this worker's statistics (or frozen ones): MXNet's operator
             y = F.BatchNorm(x, gamma, beta, running_mean, running_var, eps=self.epsilon,
                             momentum=self.momentum, fix_gamma=self.fix_gamma,
-                            use_global_stats=self.use_global_stats, axis=1)
+                            use_global_stats=self.use_global_stats, axis=self.axis)
         else:
             y = self._synced(F, x, gamma, beta, running_mean, running_var, sync)
         return F.relu(y) if self.fuse_relu else y
 
+    def _check_input(self, x, gamma):
+        if self.num_dims is not None and x.ndim != self.num_dims:
+            raise ValueError(f"{self.name}: expected {self.num_dims}-D input, got shape {x.shape}")
+        if not -x.ndim <= self.axis < x.ndim or x.ndim < 2:
+            raise ValueError(f"{self.name}: channel axis {self.axis} does not exist in input of "
+                             f"shape {x.shape}")
+        if x.shape[self.axis] != gamma.shape[0]:
+            raise ValueError(f"{self.name}: expected {gamma.shape[0]} channels on axis "
+                             f"{self.axis}, got shape {x.shape}")
+        if _is_bfloat16(x) and hardware.bfloat16_unsupported():
+            raise TypeError(f"{self.name}: bfloat16 data cannot run here: "
+                            f"{hardware.bfloat16_unsupported()}; use float32")
+
     def _synced(self, F, x, gamma, beta, running_mean, running_var, sync):
-        # (N, C, rest): one view of x for every operator below. MXNet reorders a convolution's
-        # output from oneDNN's blocked layout for each operator that reads it (~0.5 ms each
-        # at ResNet-18's 64x64x14x14 here); the reshape does it once.
+        # (A, C, B): one view of x for every operator below, whatever the channel axis
+        # (stats.channels_in_middle). MXNet reorders a convolution's output from oneDNN's
+        # blocked layout for each operator that reads it (~0.5 ms each at ResNet-18's
+        # 64x64x14x14 here); the reshape does it once.
         dtype = np.dtype(self.running_mean.dtype).name  # the parameters' (Block.cast)
         cast = not self._native or _is_bfloat16(x)
-        x3 = F.reshape(self._widened(F, x, dtype) if cast else x, (0, 0, -1))
+        x3 = stats.channels_in_middle(F, self._widened(F, x, dtype) if cast else x, self.axis)
         local = stats.local_stats(F, x3, self._native)
         probe = stats.mode_probe(F, local, running_mean, running_var, dtype)
         total = allreduce_op(F, local, probe, *sync)
@@ -165,7 +184,8 @@ class BatchNorm(gluon.HybridBlock):
 
     def __repr__(self):
         channels = self.gamma.shape[0] or None
-        return (f"{type(self).__name__}(in_channels={channels}, momentum={self.momentum}, "
+        return (f"{type(self).__name__}(in_channels={channels}, axis={self.axis}, "
+                f"momentum={self.momentum}, "
                 f"epsilon={self.epsilon}, fix_gamma={self.fix_gamma}, "
                 f"use_global_stats={self.use_global_stats})")
 

@@ -30,11 +30,12 @@ from contextlib import contextmanager
 from typing import Iterable, Optional
 
 import numpy as np
+from mxnet.util import is_np_array
 
 from . import native, stats
 from .comm import get_comm
 from .convert import bn_layers, uses_global_stats
-from .layers import SyncBatchNorm
+from .layers import BatchNorm, SyncBatchNorm
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ def update_bn_stats(net, batches: Iterable, num_batches: Optional[int] = None) -
     layers = [layer for layer in bn_layers(net) if not uses_global_stats(layer)]
     records = [[] for _ in layers]
     saved = [(layer.running_mean.data().copy(), layer.running_var.data().copy()) for layer in layers]
-    hooks = [layer.register_forward_pre_hook(_recorder(out)) for layer, out in zip(layers, records)]
+    hooks = [layer.register_forward_pre_hook(_recorder(out, _axis(layer)))
+             for layer, out in zip(layers, records)]
     used = 0
     try:
         count, uneven = _agree_on_count(comm, _planned(batches, num_batches))
@@ -97,9 +99,9 @@ def update_bn_stats(net, batches: Iterable, num_batches: Optional[int] = None) -
         mean, var = population_stats([worker[i] for worker in everyone], layer.name)
         if mean is None:  # the layer saw no example anywhere: it keeps what it had
             mean, var = saved[i][0].asnumpy(), saved[i][1].asnumpy()
-        dtype = layer.running_mean.dtype
-        layer.running_mean.set_data(mx.nd.array(mean, dtype=dtype))
-        layer.running_var.set_data(mx.nd.array(var, dtype=dtype))
+        dtype, array = layer.running_mean.dtype, mx.np.array if is_np_array() else mx.nd.array
+        layer.running_mean.set_data(array(mean, dtype=dtype))
+        layer.running_var.set_data(array(var, dtype=dtype))
     return used
 
 
@@ -142,16 +144,22 @@ def _group(layer, comm) -> tuple:
     return (comm.rank,)  # this worker's statistics (Gluon's, contrib's: one device a worker)
 
 
-def _recorder(out: list):
+def _axis(layer) -> int:
+    return layer.axis if isinstance(layer, BatchNorm) else layer._kwargs["axis"]
+
+
+def _recorder(out: list, axis: int):
     """A forward pre-hook appending the packed statistics of the layer's input to ``out``."""
     import mxnet as mx
     kernels = native.kernels()
 
     def hook(block, inputs):
         x = inputs[0]
+        if is_np_array():
+            x = x.as_nd_ndarray()  # the same memory, seen as a legacy NDArray
         if x.dtype not in (np.float32, np.float64):
             x = mx.nd.amp_cast(x, dtype="float32")  # float16, bfloat16: the layer's own math
-        out.append(stats.local_stats(mx.nd, x.reshape((0, 0, -1)), kernels))
+        out.append(stats.local_stats(mx.nd, stats.channels_in_middle(mx.nd, x, axis), kernels))
     return hook
 
 

@@ -47,6 +47,25 @@ def mode_probe(F, local, running_mean, running_var, dtype="float32"):
                                    momentum=1.0, fix_gamma=True, axis=1))
 
 
+def channels_in_middle(F, x, axis: int):
+    """``x`` viewed as (A, C, B): A the product of the axes before the channel ``axis``, B of
+    those after it. Batch-norm statistics are over A and B, so every layout (NCHW, NHWC, NC,
+    NWC, NDHWC, ...) goes through the same operators as (N, C, rest), with no transpose. Only
+    reshapes, whose codes need no ndim (a graph's inputs have none when it is traced):
+    ``-3`` merges two axes from the left; with ``reverse`` the codes count from the right."""
+    if axis == 0:
+        return F.reshape(F.expand_dims(x, axis=0), (0, 0, -1))
+    if axis > 0:
+        for _ in range(axis - 1):        # (d0, d1, ..., C, ...) -> (d0*d1, ..., C, ...)
+            x = F.reshape(x, (-3, -2))
+        return F.reshape(x, (0, 0, -1))
+    for _ in range(-axis - 2):           # (..., C, ..., dk, dl) -> (..., C, ..., dk*dl)
+        x = F.reshape(x, (-2, -3), reverse=True)
+    if axis == -1:
+        return F.reshape(F.reshape(x, (-1, 0), reverse=True), (0, 0, 1))
+    return F.reshape(x, (-1, 0, 0), reverse=True)
+
+
 def local_stats(F, x, native: bool):
     """This worker's packed statistics ``L`` (see the module docstring)."""
     if native:

@@ -13,6 +13,10 @@ The order of the steps that works (each one says why):
   5. distbn.broadcast_parameters(net): every worker starts from rank 0's values (works in
      whatever memory layout the pass left the weights)
   6. hvd.DistributedTrainer: gradients averaged over workers
+  7. batches from distbn.data.ShardSampler: every worker the same number per epoch (Gluon's
+     Dataset.shard gives some workers one example more, and then a step more: a hang)
+  8. before evaluating, distbn.update_bn_stats: BN statistics of the weights as they are,
+     over every worker's batches (the running averages lag the weights)
 """
 import argparse
 
@@ -23,7 +27,7 @@ from mxnet import autograd, gluon, nd
 from mxnet.gluon.model_zoo import vision
 
 import distbn
-from distbn.data import load_fashion_mnist
+from distbn.data import ShardSampler, load_fashion_mnist
 
 
 def main():
@@ -33,6 +37,7 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=32, help="examples per worker and step")
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--limit", type=int, default=6400, help="training examples used")
     args = ap.parse_args()
 
     hvd.init()                                                                        # 1
@@ -43,29 +48,49 @@ def main():
     if args.weights:
         net.load_parameters(args.weights, ctx=ctx)
 
-    images, labels = load_fashion_mnist(train=True)
-    rs = np.random.RandomState(hvd.rank())  # each worker draws its own batches
-    def batch():
-        i = rs.randint(0, len(images), args.batch)
-        x = images[i].astype(np.float32)[:, None] / 255.0
-        return nd.array(x, ctx=ctx), nd.array(labels[i], ctx=ctx)
+    def dataset(train, limit):
+        images, labels = load_fashion_mnist(train=train)
+        x = images[:limit].astype(np.float32)[:, None] / 255.0
+        return gluon.data.ArrayDataset(nd.array(x), nd.array(labels[:limit]))
+    train_set = dataset(True, args.limit)
+    sampler = ShardSampler(len(train_set), hvd.size(), hvd.rank(), seed=0)            # 7
+    loader = gluon.data.DataLoader(train_set, batch_size=args.batch, sampler=sampler)
 
-    net(batch()[0])                                                                   # 4
+    net(train_set[:2][0].as_in_context(ctx))                                          # 4
     net.hybridize(static_alloc=True)
     distbn.broadcast_parameters(net)                                                  # 5
     trainer = hvd.DistributedTrainer(net.collect_params(), "sgd",                     # 6
                                      {"learning_rate": args.lr, "momentum": 0.9})
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    for step in range(1, args.steps + 1):
-        x, y = batch()
-        with autograd.record():
-            loss = loss_fn(net(x), y)
-        loss.backward()
-        trainer.step(args.batch)  # the trainer averages over workers: / batch per worker
-        if step % 10 == 0 or step == args.steps:
-            mean = hvd.allreduce(loss.mean(), name=f"loss.{step}").asscalar()  # over workers
-            if hvd.rank() == 0:
-                print(f"step {step}: loss {mean:.4f}", flush=True)
+    step, epoch = 0, 0
+    while step < args.steps:
+        sampler.set_epoch(epoch)  # a new permutation, the same on every worker
+        for x, y in loader:
+            x, y = x.as_in_context(ctx), y.as_in_context(ctx)
+            with autograd.record():
+                loss = loss_fn(net(x), y)
+            loss.backward()
+            trainer.step(x.shape[0])  # the trainer averages over workers: / batch per worker
+            step += 1
+            if step % 10 == 0 or step == args.steps:
+                mean = hvd.allreduce(loss.mean(), name=f"loss.{step}").asscalar()  # over workers
+                if hvd.rank() == 0:
+                    print(f"step {step}: loss {mean:.4f}", flush=True)
+            if step == args.steps:
+                break
+        epoch += 1
+
+    distbn.update_bn_stats(net, ((x.as_in_context(ctx),) for x, _ in loader),       # 8
+                           num_batches=20)
+    test = dataset(False, 1000)
+    mine = ShardSampler(len(test), hvd.size(), hvd.rank(), shuffle=False, last="drop")
+    correct = sum(float((net(x.as_in_context(ctx)).argmax(axis=1) == y.as_in_context(ctx))
+                        .sum().asscalar())
+                  for x, y in gluon.data.DataLoader(test, batch_size=250, sampler=mine))
+    counts = hvd.allreduce(nd.array([correct, len(mine)]), name="test.accuracy",
+                           op=hvd.Sum).asnumpy()
+    if hvd.rank() == 0:
+        print(f"test accuracy {counts[0] / counts[1]:.3f} on {int(counts[1])} examples", flush=True)
 
 
 if __name__ == "__main__":

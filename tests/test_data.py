@@ -270,3 +270,46 @@ def test_ensure_names_a_corrupt_copy(tmp_path, shared_data, capsys):
     (bad / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0" * 100))
     assert data.main(["--dir", str(bad)]) == 1
     assert "t10k-labels-idx1-ubyte.gz: SHA-256" in capsys.readouterr().err
+
+
+# --- ShardSampler: the same number of batches on every worker -------------------------------
+
+@pytest.mark.parametrize("n, workers", [(10, 3), (12, 4), (7, 2), (5, 5)])
+@pytest.mark.parametrize("last", ["pad", "drop"])
+def test_shard_sampler_gives_every_worker_the_same_batches_count(n, workers, last):
+    from mxnet import gluon
+    import mxnet as mx
+    ds = gluon.data.ArrayDataset(mx.nd.arange(n))
+    seen, counts = [], set()
+    for rank in range(workers):
+        s = data.ShardSampler(n, workers, rank, seed=3, last=last)
+        s.set_epoch(1)
+        batches = list(gluon.data.DataLoader(ds, batch_size=2, sampler=s, last_batch="keep"))
+        counts.add(len(batches))
+        seen += [int(v) for b in batches for v in b.asnumpy()]
+        assert len(s) == sum(len(b) for b in batches)
+    assert len(counts) == 1
+    if last == "drop":
+        assert len(seen) == n // workers * workers and len(set(seen)) == len(seen)
+    else:
+        assert set(seen) == set(range(n)) and len(seen) == -(-n // workers) * workers
+
+
+def test_shard_sampler_reshuffles_per_epoch_alike_on_every_worker():
+    a, b = data.ShardSampler(100, 2, 0, seed=5), data.ShardSampler(100, 2, 1, seed=5)
+    first = list(a) + list(b)
+    a.set_epoch(1), b.set_epoch(1)
+    second = list(a) + list(b)
+    assert sorted(first) == sorted(second) == list(range(100)) and first != second
+    assert list(data.ShardSampler(6, 2, 1, shuffle=False)) == [1, 3, 5]
+    with pytest.raises(ValueError, match="'pad' or 'drop'"):
+        data.ShardSampler(6, 2, 0, last="keep")
+
+
+def test_gluons_own_shard_is_uneven_which_the_sampler_fixes():
+    """The trap: Dataset.shard(3, i) of 10 examples gives 4, 3, 3."""
+    from mxnet import gluon
+    import mxnet as mx
+    ds = gluon.data.ArrayDataset(mx.nd.arange(10))
+    assert [len(ds.shard(3, i)) for i in range(3)] == [4, 3, 3]
+    assert [len(data.ShardSampler(10, 3, i)) for i in range(3)] == [4, 4, 4]

@@ -29,6 +29,7 @@ def test_horovod_script_with_pretrained_weights(tmp_path):
     _, out = horovodrun(2, ["examples/horovod_script.py", "--weights", weights, "--steps", 4,
                             "--batch", 8], env=ENV, timeout=300)
     assert len(losses(out)) == 1 and losses(out)[0] > 0, out
+    assert re.search(r"test accuracy 0\.\d+ on 1000 examples", out), out
 
 
 @pytest.mark.multiproc

@@ -208,8 +208,65 @@ def test_gluon_arguments_are_accepted_and_mean_the_same():
     ours.running_mean.set_data(nd.array(rs.randn(4))); ref[0].running_mean.set_data(ours.running_mean.data())
     for got, want in zip(train_step(ours, x, w)[:2], train_step(ref, x, w)[:2]):
         close(got, want)
-    with pytest.raises(ValueError, match="axis=3"):
-        distbn.SyncBatchNorm(axis=3)
+
+
+# Every channel axis Gluon's BatchNorm takes, on 2-D to 5-D data (NC, NCW/NWC, NCHW/NHWC,
+# NCDHW/NDHWC and the axes in between), legacy and numpy mode, imperative and hybridized.
+AXES = [(1, (6, 3)), (-1, (6, 3)), (0, (3, 6)), (1, (4, 3, 5)), (-1, (4, 5, 3)), (-2, (4, 3, 5)),
+        (1, (4, 3, 5, 5)), (-1, (4, 5, 5, 3)), (2, (4, 5, 3, 5)), (-1, (2, 3, 4, 4, 3)),
+        (2, (2, 3, 4, 4, 3)), (-4, (2, 3, 4, 4, 3))]
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+@pytest.mark.parametrize("mode", ["legacy", "numpy"])
+@pytest.mark.parametrize("axis, shape", AXES, ids=[f"{a}-{len(s)}d" for a, s in AXES])
+def test_any_axis_and_numpy_mode_equal_gluon(axis, shape, mode, hybrid, kernels):
+    """Output, input and parameter gradients, running statistics and prediction equal
+    ``gluon.nn.BatchNorm(axis=...)``'s, through the same graph as axis 1; in numpy mode the
+    layer takes and returns ``mx.np`` arrays, as Gluon's does."""
+    rs = np.random.RandomState(len(shape) + axis)
+    x, w = 2 + rs.randn(*shape), rs.randn(*shape)
+    results = []
+    for make in (lambda: gluon.nn.BatchNorm(axis=axis), lambda: distbn.BatchNorm(axis=axis)):
+        if mode == "numpy":
+            mx.npx.set_np()
+        try:
+            array = mx.np.array if mode == "numpy" else nd.array
+            layer = make()
+            layer.initialize()
+            if hybrid:
+                layer.hybridize()
+            xin = array(x, dtype="float32")
+            xin.attach_grad()
+            with autograd.record():
+                y = layer(xin)
+                (y * array(w, dtype="float32")).sum().backward()
+            assert type(y) is type(xin), type(y)
+            results.append([y.asnumpy(), xin.grad.asnumpy(), layer.gamma.grad().asnumpy(),
+                            layer.beta.grad().asnumpy(), layer.running_mean.data().asnumpy(),
+                            layer.running_var.data().asnumpy(), layer(xin).asnumpy()])
+        finally:
+            mx.npx.reset_np()
+    for got, want in zip(results[1], results[0]):
+        close(got, want)
+
+
+def test_axis_is_checked_on_imperative_calls():
+    layer = distbn.BatchNorm(3, axis=2)
+    layer.initialize()
+    with pytest.raises(ValueError, match="expected 3 channels on axis 2"):
+        layer(nd.ones((2, 3, 4)))
+    with pytest.raises(ValueError, match="channel axis 2 does not exist"):
+        layer(nd.ones((2, 3)))
+    with pytest.raises(TypeError, match="axis must be an int"):
+        distbn.BatchNorm(axis=1.0)
+
+
+def test_converter_keeps_the_axis():
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(4, flatten=False), gluon.nn.BatchNorm(axis=-1))
+    distbn.convert_sync_batchnorm(net)
+    assert isinstance(net[1], distbn.SyncBatchNorm) and net[1].axis == -1
 
 
 class _Block(gluon.HybridBlock):

@@ -47,6 +47,32 @@ def test_uneven_batch_counts_stop_at_the_smallest(np_, container):
     assert "the workers held different numbers of batches; each used the smallest, 3" in out, out
 
 
+@multiproc
+@pytest.mark.parametrize("layer", ["sync", "gluon"])
+def test_numpy_mode_equals_the_definition(layer):
+    _, out = horovodrun(2, [MP / "precise_bn.py", "--numpy", "--layer", layer, "--hybridize"],
+                        timeout=180)
+    ok(out, 2)
+
+
+@pytest.mark.parametrize("cls", [distbn.BatchNorm, gluon.nn.BatchNorm])
+def test_channels_last_statistics_are_over_every_other_axis(cls):
+    """(N, W, C) data after a dense layer on the last axis: the re-estimated statistics are
+    each channel's over N and W, in float64, batch by batch weighted by count."""
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(4, flatten=False, in_units=3), cls(axis=-1, in_channels=4))
+    net.initialize()
+    net.hybridize()
+    rs = np.random.RandomState(2)
+    xs = [mx.nd.array(rs.randn(n, 5, 3) + 1) for n in (2, 7)]
+    distbn.update_bn_stats(net, xs)
+    h = np.concatenate([net[0](x).asnumpy().astype(np.float64).reshape(-1, 4) for x in xs])
+    per_batch = [net[0](x).asnumpy().astype(np.float64).reshape(-1, 4) for x in xs]
+    want_var = sum(len(b) * b.var(0) for b in per_batch) / len(h)
+    np.testing.assert_allclose(net[1].running_mean.data().asnumpy(), h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net[1].running_var.data().asnumpy(), want_var, rtol=1e-5, atol=1e-6)
+
+
 def test_one_process_without_horovodrun():
     for layer in ("sync", "gluon"):
         _, out = python([MP / "precise_bn.py", "--layer", layer, "--hybridize"])

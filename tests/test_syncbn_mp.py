@@ -1,7 +1,7 @@
 """SyncBatchNorm under horovodrun on the CPU (Gloo): every case bounded by a timeout."""
 import pytest
 
-from conftest import MP, horovodrun, needs_bfloat16, python
+from conftest import MP, SHARED_DATA, horovodrun, needs_bfloat16, python
 
 pytestmark = pytest.mark.multiproc
 
@@ -122,3 +122,44 @@ def test_model_zoo_local_bn_is_caught_by_the_same_check():
     code, out = horovodrun(2, [MP / "zoo_equivalence.py", "--arch", "resnet18_v1", "--per-worker",
                                2, "--lr", 0.01, "--layer", "gluon"], timeout=300, check=False)
     assert code != 0 and "MISMATCH" in out and ": OK" not in out, out
+
+
+# Numpy mode and channels last: the same graph, the same proof (outputs, input and parameter
+# gradients, running statistics, prediction against Gluon's BN on the whole batch).
+LAYOUTS = {"numpy": ["--ndim", 4, "--numpy"], "numpy-2d": ["--ndim", 2, "--numpy"],
+           "nhwc": ["--ndim", 4, "--axis", -1], "nwc": ["--ndim", 3, "--axis", -1],
+           "numpy-nhwc": ["--ndim", 4, "--axis", -1, "--numpy"]}
+
+
+@pytest.mark.parametrize("np_", [2, 4])
+@pytest.mark.parametrize("hybridize", [False, True])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_numpy_mode_and_channels_last_equal_plain_bn(layout, hybridize, np_):
+    _, out = horovodrun(np_, [MP / "syncbn_equivalence.py", *LAYOUTS[layout], "--sizes", "3,5,1,7"]
+                        + (["--hybridize"] if hybridize else []), timeout=180)
+    assert out.count(": OK") == np_, out
+
+
+def test_numpy_channels_last_with_mxnet_operator_statistics():
+    _, out = horovodrun(2, [MP / "syncbn_equivalence.py", *LAYOUTS["numpy-nhwc"], "--sizes", "3,5",
+                            "--hybridize"], env={"DISTBN_NATIVE": "0"}, timeout=180)
+    assert out.count(": OK") == 2, out
+
+
+@pytest.mark.parametrize("layout", ["numpy", "nhwc"])
+def test_numpy_and_channels_last_local_bn_is_caught(layout):
+    code, out = horovodrun(2, [MP / "syncbn_equivalence.py", *LAYOUTS[layout], "--layer", "local"],
+                           timeout=180, check=False)
+    assert code != 0 and "MISMATCH" in out, out
+
+
+def test_model_zoo_network_in_numpy_mode_equals_one_process():
+    _, out = horovodrun(2, [MP / "zoo_equivalence.py", "--numpy", "--per-worker", 2, "--lr", 0.01],
+                        timeout=300)
+    assert out.count("resnet18_v1 numpy sync") == 2 and out.count(": OK") == 2, out
+
+
+def test_books_numpy_lenet_trains_with_sync_bn():
+    _, out = horovodrun(2, [MP / "book_numpy.py"], env={"DISTBN_DATA_DIR": str(SHARED_DATA)},
+                        timeout=300)
+    assert out.count("numpy LeNet") == 2 and out.count(": OK") == 2, out

@@ -33,6 +33,7 @@ import distbn
 from distbn.comm import get_comm
 
 C_IN, HW = 2, 8
+ARRAY = [mx.nd.array]  # mx.np.array in numpy mode (--numpy)
 
 
 def batch(rank, b):
@@ -81,7 +82,7 @@ def truth(net, kind, size, batches):
             seen.clear()
             x = np.concatenate([batch(r, b) for r in members])
             with autograd.train_mode():
-                ref(mx.nd.array(x, dtype="float64"))
+                ref(ARRAY[0](x, dtype="float64"))
             for acc, inp in zip(sums, seen):
                 z = np.moveaxis(inp, 1, 0).reshape(inp.shape[1], -1)  # (C, n * rest)
                 n = z.shape[1]
@@ -109,7 +110,11 @@ def main():
     ap.add_argument("--extra-rank", action="store_true")
     ap.add_argument("--as-list", action="store_true", help="batches as a list (else a generator)")
     ap.add_argument("--control", choices=["none", "ema"], default="none")
+    ap.add_argument("--numpy", action="store_true", help="MXNet's numpy mode, mx.np arrays")
     args = ap.parse_args()
+    if args.numpy:
+        mx.npx.set_np()
+        ARRAY[0] = mx.np.array
     expect = args.expect or args.layer
     comm = get_comm()
     mx.random.seed(0)
@@ -120,9 +125,10 @@ def main():
     distbn.broadcast_parameters(net)
     trainer = comm.trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
     for b in (100, 101):
-        x = mx.nd.array(batch(comm.rank, b))
+        x = ARRAY[0](batch(comm.rank, b), dtype="float32")
         with autograd.record():
-            loss = net(x).square().sum()
+            y = net(x)
+            loss = (y * y).sum()
         loss.backward()
         trainer.step(1)  # the same scale on every worker (their batch sizes differ)
     learned = [p for p in net.collect_params().values() if p.grad_req != "null"]
@@ -132,12 +138,12 @@ def main():
     mine = args.batches + (comm.rank if args.extra_rank else 0)
     used = args.batches
     if args.control == "none":
-        batches = ((mx.nd.array(batch(comm.rank, b)),) for b in range(mine))
+        batches = ((ARRAY[0](batch(comm.rank, b), dtype="float32"),) for b in range(mine))
         used = distbn.update_bn_stats(net, list(batches) if args.as_list else batches)
     else:
         with autograd.record():  # what the moving averages make of the same batches
             for b in range(args.batches):
-                net(mx.nd.array(batch(comm.rank, b))).backward()
+                net(ARRAY[0](batch(comm.rank, b), dtype="float32")).backward()
     after = digest([p.data() for p in learned] + [p.grad() for p in learned])
     stats = [(layer.running_mean.data().asnumpy(), layer.running_var.data().asnumpy())
              for layer in bn]
@@ -149,12 +155,12 @@ def main():
     for p, q in zip(net.collect_params().values(), ref.collect_params().values()):
         q.set_data(p.data().astype("float64"))
     x = batch(0, 200)
-    pred_err = float(np.max(np.abs(net(mx.nd.array(x)).asnumpy() -
-                                   ref(mx.nd.array(x, dtype="float64")).asnumpy())))
+    pred_err = float(np.max(np.abs(net(ARRAY[0](x, dtype="float32")).asnumpy() -
+                                   ref(ARRAY[0](x, dtype="float64")).asnumpy())))
     err = max(float(np.max(np.abs(got - ref)) / (1 + np.max(np.abs(ref))))
               for pair_got, pair_ref in zip(stats, want) for got, ref in zip(pair_got, pair_ref))
     same = len(set(comm.allgather_object(digest([mx.nd.array(a) for s in stats for a in s])))) == 1
-    tag = (f"rank {comm.rank}/{comm.size} layer={args.layer} expect={expect} control={args.control}"
+    tag = (f"rank {comm.rank}/{comm.size} layer={args.layer}{' numpy' * args.numpy} expect={expect} control={args.control}"
            f" hybridized={args.hybridize} used={used} err={err:.2e} identical={same}"
            f" prediction_err={pred_err:.1e}")
     problems = []

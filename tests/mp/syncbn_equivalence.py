@@ -3,6 +3,8 @@
 Run under horovodrun; every rank builds the same global batch from a fixed seed, takes its
 slice, and checks outputs, input gradients, summed gamma/beta gradients and moving statistics
 against a one-process reference over several SGD steps. Exits non-zero on any mismatch.
+``--axis -1``: channels last, (N, W, C) or (N, H, W, C), after a dense layer acting on the
+last axis; ``--numpy``: the whole run in MXNet's numpy mode (``npx.set_np()``, mx.np arrays).
 
     horovodrun -np 4 python tests/mp/syncbn_equivalence.py --ndim 4 --sizes 3,5,1,7
 """
@@ -21,10 +23,14 @@ from distbn.comm import get_comm
 RTOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-2}
 
 
-def build(bn_factory, ndim, channels, seed, hybridize=False, bn_only=False):
+def build(bn_factory, ndim, channels, seed, hybridize=False, bn_only=False, axis=1):
     net = gluon.nn.HybridSequential()
     if bn_only:  # MXNet's CPU convolutions and dense layers take neither float16 nor float64
         net.add(bn_factory())
+    elif axis != 1:  # channels last: a dense layer on the last axis (MXNet's CPU convolutions
+        # take NCHW only)
+        net.add(gluon.nn.Dense(channels, flatten=False), bn_factory(),
+                gluon.nn.Activation("sigmoid"), gluon.nn.Dense(5))
     else:
         # A learnable layer before BN so input gradients flow into trained weights; one after
         # so the loss mixes channels.
@@ -74,7 +80,12 @@ def main():
                          "other than float32, the networks are the BN layer alone")
     ap.add_argument("--layer", choices=["sync", "local"], default="sync",
                     help="local: distbn.BatchNorm, a negative control that must FAIL at size > 1")
+    ap.add_argument("--axis", type=int, choices=[1, -1], default=1)
+    ap.add_argument("--numpy", action="store_true", help="MXNet's numpy mode, mx.np arrays")
     args = ap.parse_args()
+    if args.numpy:
+        mx.npx.set_np()
+    array = mx.np.array if args.numpy else nd.array
     comm = get_comm()
     rank, size = comm.rank, comm.size
     sizes = [int(s) for s in args.sizes.split(",")][:size] if args.sizes else [4] * size
@@ -85,18 +96,23 @@ def main():
     total = sum(sizes)
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
 
-    bn_dims = args.ndim
-    ref = build(lambda: gluon.nn.BatchNorm(in_channels=channels), args.ndim, channels, seed=1,
-                bn_only=bn_only)
+    bn_dims = args.ndim if args.axis == 1 else None  # the book's num_dims: NC and NCHW
+    ref = build(lambda: gluon.nn.BatchNorm(in_channels=channels, axis=args.axis), args.ndim,
+                channels, seed=1, bn_only=bn_only, axis=args.axis)
     layer = distbn.SyncBatchNorm if args.layer == "sync" else distbn.BatchNorm
-    net = build(lambda: layer(channels, bn_dims), args.ndim, channels, seed=2,
-                hybridize=args.hybridize, bn_only=bn_only)
-    shape_in = (total, in_ch, 6, 6) if args.ndim == 4 else (total, in_ch if bn_only else 10)
+    net = build(lambda: layer(channels, bn_dims, axis=args.axis), args.ndim, channels, seed=2,
+                hybridize=args.hybridize, bn_only=bn_only, axis=args.axis)
+    if args.axis == -1:
+        shape_in = (total,) + (6,) * (args.ndim - 2) + (in_ch,)
+    elif args.ndim == 4:
+        shape_in = (total, in_ch, 6, 6)
+    else:
+        shape_in = (total, in_ch if bn_only else 10)
     out_shape = shape_in if bn_only else (total, 5)
     rs = np.random.RandomState(123)
     x0 = rs.rand(*shape_in).astype(np.float32)
-    ref(nd.array(x0[:2]))  # finish deferred init, then make the two networks identical
-    net(nd.array(x0[:2]))
+    ref(array(x0[:2]))  # finish deferred init, then make the two networks identical
+    net(array(x0[:2]))
     copy_params(ref, net)
     if args.dtype != "float32":
         ref.cast(args.dtype)
@@ -113,12 +129,12 @@ def main():
     for step in range(1, args.steps + 1):
         xg = (args.mean + rs.randn(*shape_in)).astype(dtype)
         w = rs.randn(*out_shape).astype(dtype)  # per-output loss weights
-        xr, xs = nd.array(xg, dtype=dtype), nd.array(xg[lo:hi], dtype=dtype)
+        xr, xs = array(xg, dtype=dtype), array(xg[lo:hi], dtype=dtype)
         xr.attach_grad(); xs.attach_grad()
         before = comm.collectives
         with autograd.record():
-            yr = ref(xr); lr_ = (yr * nd.array(w, dtype=dtype)).sum()
-            ys = net(xs); ls_ = (ys * nd.array(w[lo:hi], dtype=dtype)).sum()
+            yr = ref(xr); lr_ = (yr * array(w, dtype=dtype)).sum()
+            ys = net(xs); ls_ = (ys * array(w[lo:hi], dtype=dtype)).sum()
         lr_.backward(); ls_.backward()
         nd.waitall()
         per_step = comm.collectives - before
@@ -131,6 +147,7 @@ def main():
         ok &= close("input grad", xs.grad.asnumpy(), xr.grad.asnumpy()[lo:hi], step, rtol)
         for pname in ("gamma", "beta"):
             g = getattr(bn_net, pname).grad().copy().reshape(-1)
+            g = g.as_nd_ndarray() if args.numpy else g  # Horovod's collectives take NDArrays
             gsum = comm.allreduce_sum(g, name=f"test.{pname}.{step}").asnumpy()
             ok &= close(f"{pname} grad (summed)", gsum, getattr(bn_ref, pname).grad().asnumpy(), step,
                         rtol)
@@ -143,13 +160,14 @@ def main():
     # Prediction mode never communicates and uses the (identical) moving statistics.
     before = comm.collectives
     xg = (args.mean + rs.randn(*shape_in)).astype(dtype)
-    ok &= close("prediction output", net(nd.array(xg[lo:hi], dtype=dtype)).asnumpy(),
-                ref(nd.array(xg, dtype=dtype)).asnumpy()[lo:hi], "predict", rtol)
+    ok &= close("prediction output", net(array(xg[lo:hi], dtype=dtype)).asnumpy(),
+                ref(array(xg, dtype=dtype)).asnumpy()[lo:hi], "predict", rtol)
     if comm.collectives != before:
         print("MISMATCH: prediction mode issued a collective", flush=True)
         ok = False
     via = "gloo" if comm.engine else "none"
-    print(f"rank {rank}/{size} sizes={sizes} ndim={args.ndim} dtype={dtype} via={via} "
+    mode = f" axis={args.axis}" * (args.axis != 1) + " numpy" * args.numpy
+    print(f"rank {rank}/{size} sizes={sizes} ndim={args.ndim}{mode} dtype={dtype} via={via} "
           f"hybridized={args.hybridize}: "
           f"{'OK' if ok else 'FAILED'}", flush=True)
     sys.exit(0 if ok else 1)

@@ -41,6 +41,9 @@ from distbn.comm import get_comm
 FACTOR, L2_FACTOR, PARAM_RTOL, PARAM_MIN_SCALE, REFS32 = 20.0, 3.0, 2e-2, 1e-2, 3
 
 
+ARRAY = [nd.array]  # mx.np.array in numpy mode (--numpy)
+
+
 def build(arch: str, x0, dtype="float32"):
     mx.random.seed(1)
     net = vision.get_model(arch, classes=10)
@@ -62,7 +65,7 @@ def train(net, trainer, batches, rows, comm=None):
     outs, counts = [], []
     for i, (x, label) in enumerate(batches):
         before = comm.collectives if comm else 0
-        data = nd.array(x[rows], dtype=dtype)
+        data = ARRAY[0](x[rows], dtype=dtype)
         if i == len(batches) - 1:
             outs.append(net(data).asnumpy()[back].astype(np.float64))
         else:
@@ -72,7 +75,7 @@ def train(net, trainer, batches, rows, comm=None):
             data.attach_grad()
             with autograd.record():
                 y = net(data)
-                loss = loss_fn(y, nd.array(label[rows], dtype=dtype)).sum()
+                loss = loss_fn(y, ARRAY[0](label[rows], dtype=dtype)).sum()
             loss.backward()
             trainer.step(len(rows))
             outs.append(y.asnumpy()[back].astype(np.float64))
@@ -95,14 +98,18 @@ def main():
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--layer", choices=["sync", "gluon"], default="sync")
     ap.add_argument("--seed", type=int, default=123)
+    ap.add_argument("--numpy", action="store_true", help="MXNet's numpy mode, mx.np arrays")
     args = ap.parse_args()
+    if args.numpy:
+        mx.npx.set_np()
+        ARRAY[0] = mx.np.array
     comm = get_comm()
     rank, size = comm.rank, comm.size
     total = args.per_worker * size
     mine = np.arange(rank * args.per_worker, (rank + 1) * args.per_worker)
     rs = np.random.RandomState(args.seed)
     shape = (total, 1, args.image, args.image)
-    x0 = nd.array(rs.rand(*shape))
+    x0 = ARRAY[0](rs.rand(*shape), dtype="float32")
     batches = [(0.5 + rs.randn(*shape), rs.randint(0, 10, total)) for _ in range(args.steps + 1)]
     opt = {"learning_rate": args.lr, "momentum": 0.9}
 
@@ -158,7 +165,7 @@ def main():
     if counts != want:
         print(f"MISMATCH collectives per step {counts}, expected {want}", flush=True)
         ok = False
-    print(f"rank {rank}/{size} {args.arch} {args.layer} x{args.per_worker} ({n_bn} BN layers): "
+    print(f"rank {rank}/{size} {args.arch}{' numpy' * args.numpy} {args.layer} x{args.per_worker} ({n_bn} BN layers): "
           f"error/floor outputs {max(ratios[:n_out]):.3g}, parameters max "
           f"{max(ratios[n_out:]):.3g} median {np.median(ratios[n_out:]):.3g} L2 {l2:.3g} "
           f"(largest floor {rel_floor:.2g} of scale); collectives/step {counts[0]}"

@@ -22,7 +22,7 @@ test: install
 	@bash tests/hosts/install.sh
 	@$(PY) -m pytest -q -rs
 
-# Benchmarks (docs/results.md): the full set rewrites docs/data and docs/img (~35 min on 2
+# Benchmarks (docs/results.md): the full set rewrites docs/data and docs/img (~50 min on 2
 # cores); the quick one writes runs/bench-quick (~3 min). Both need the bench and book extras.
 bench:
 	@DISTBN_EXTRAS=dev,bench,book bash launch/install.sh

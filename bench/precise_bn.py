@@ -39,8 +39,8 @@ def main():
                 rows.append({"workers": workers, "seed": seed, "epoch": e["epoch"],
                              "test_acc_ema": e["test_acc_ema"], "test_acc": e["test_acc"],
                              "train_acc": round(e["train_acc"], 4),
-                             "epoch_seconds": round(e["epoch_seconds"], 2),
-                             "precise_bn_seconds": round(e["precise_bn_seconds"], 3),
+                             "epoch_seconds": e["epoch_seconds"],
+                             "precise_bn_seconds": e["precise_bn_seconds"],
                              "precise_bn_share": round(e["precise_bn_seconds"] / e["epoch_seconds"], 4)})
             print(" | ".join(f"w{workers} s{seed} e{r['epoch']}: {r['test_acc_ema']:.3f} -> "
                              f"{r['test_acc']:.3f}" for r in rows[-len(epochs):]), flush=True)

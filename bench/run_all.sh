@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark of docs/results.md, one after another, JSON + PNG into one folder.
 #
-#   bench/run_all.sh [OUT]            # the full set (~35 min on 2 cores); OUT defaults to docs
+#   bench/run_all.sh [OUT]            # the full set (~50 min on 2 cores); OUT defaults to docs
 #   bench/run_all.sh --quick [OUT]    # reduced settings (~3 min); OUT defaults to runs/bench-quick
 #
 # Needs the bench and book extras (matplotlib, d2l): `make bench` / `make bench-quick` install
@@ -39,6 +39,7 @@ if [ $quick = 1 ]; then
   thru=(--workers 1 2 --limit 5120 --repeat 1)
   acc=(--quick)
   groups=(--quick)
+  precise=(--workers 2 --seeds 0 --epochs 2 --limit 5120 --precise-bn 2048)
   bytes_steps=50
   book=(--quick)
   coll=(--repeat 10)
@@ -49,6 +50,7 @@ else
   thru=(--workers 1 2 4 --repeat 3)
   acc=()
   groups=(--batch 4 --seeds 0 1 2 3)
+  precise=(--workers 1 2 4 --seeds 0 1 2 --epochs 5 --precise-bn 10240)
   bytes_steps=200
   book=(--epochs 5)
   coll=(--repeat 40)
@@ -72,6 +74,8 @@ for n in 1 2 4; do
 done
 for n in 1 2; do
   if [ "$n" = 1 ]; then launcher=(); else launcher=(timeout 1800 "$(dirname "$py")/horovodrun" -np "$n" -H "localhost:$n"); fi
+  step "numpy_mode x$n" workers "$n" "${launcher[@]}" "$py" bench/numpy_mode.py --arch lenet resnet18_v1 \
+    "${steps[@]}" --json "$out/data/numpy_mode_$n.json"
   step "precision x$n" workers "$n" "${launcher[@]}" "$py" bench/precision.py "${steps[@]}" \
     --json "$out/data/precision_$n.json"
 done
@@ -81,6 +85,8 @@ step book_path "$py" bench/book_path.py "${book[@]}" --json "$out/data/book_path
 step accuracy_vs_batch "$py" bench/accuracy_vs_batch.py "${acc[@]}" \
   --json "$out/data/accuracy_vs_batch.json" --plot "$out/img/accuracy_vs_batch.png"
 step bn_group "$py" bench/bn_group.py "${groups[@]}" --json "$out/data/bn_group.json"
+step precise_bn "$py" bench/precise_bn.py "${precise[@]}" --json "$out/data/precise_bn.json" \
+  --plot "$out/img/precise_bn.png"
 step sync_bytes_model "$py" bench/sync_bytes.py --model --json "$out/data/sync_bytes_model.json"
 if unshare -n true 2>/dev/null; then  # loopback bytes need a network namespace of their own
   for n in 2 4 8; do

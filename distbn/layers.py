@@ -118,7 +118,10 @@ class BatchNorm(gluon.HybridBlock):
         if hasattr(x, "ndim"):  # imperative call: check what a graph would reject less clearly
             self._check_input(x, gamma)
         sync = None if self.use_global_stats else self._allreduce_key()
-        if sync is None:  # this worker's statistics (or frozen ones): MXNet's operator
+        # An empty batch (numpy mode) takes the synced graph, with or without the exchange:
+        # MXNet's operator would fill the running statistics and gamma's gradient with NaN.
+        empty = hasattr(x, "shape") and 0 in x.shape and not self.use_global_stats
+        if sync is None and not empty:  # this worker's statistics (or frozen): MXNet's operator
             y = F.BatchNorm(x, gamma, beta, running_mean, running_var, eps=self.epsilon,
                             momentum=self.momentum, fix_gamma=self.fix_gamma,
                             use_global_stats=self.use_global_stats, axis=self.axis)
@@ -132,6 +135,10 @@ class BatchNorm(gluon.HybridBlock):
         if not -x.ndim <= self.axis < x.ndim or x.ndim < 2:
             raise ValueError(f"{self.name}: channel axis {self.axis} does not exist in input of "
                              f"shape {x.shape}")
+        if 0 in x.shape and not self._native:
+            raise ValueError(f"{self.name}: empty input of shape {x.shape}: the MXNet-operator "
+                             f"graph (GPUs, DISTBN_NATIVE=0) takes no empty batch; distbn's C++ "
+                             f"operators (the CPU) do")
         if x.shape[self.axis] != gamma.shape[0]:
             raise ValueError(f"{self.name}: expected {gamma.shape[0]} channels on axis "
                              f"{self.axis}, got shape {x.shape}")
@@ -146,15 +153,40 @@ class BatchNorm(gluon.HybridBlock):
         # 64x64x14x14 here); the reshape does it once.
         dtype = np.dtype(self.running_mean.dtype).name  # the parameters' (Block.cast)
         cast = not self._native or _is_bfloat16(x)
+        if hasattr(x, "shape") and 0 in x.shape:
+            return self._empty(F, x, gamma, beta, running_mean, running_var, sync, dtype)
         x3 = stats.channels_in_middle(F, self._widened(F, x, dtype) if cast else x, self.axis)
         local = stats.local_stats(F, x3, self._native)
-        probe = stats.mode_probe(F, local, running_mean, running_var, dtype)
-        total = allreduce_op(F, local, probe, *sync)
-        y3 = stats.normalize(F, x3, total, probe, gamma, beta, running_mean, running_var,
-                             eps=self.epsilon, momentum=self.momentum, fix_gamma=self.fix_gamma,
-                             native=self._native, dtype=dtype)
+        y3 = self._exchange_and_normalize(F, x3, local, gamma, beta, running_mean, running_var,
+                                          sync, dtype)
         y = F.reshape_like(y3, x)
         return self._narrowed(F, y, x, dtype) if cast else y
+
+    def _exchange_and_normalize(self, F, x3, local, gamma, beta, running_mean, running_var,
+                                sync, dtype):
+        probe = stats.mode_probe(F, local, running_mean, running_var, dtype)
+        total = allreduce_op(F, local, probe, *sync) if sync else local  # None: this worker's
+        return stats.normalize(F, x3, total, probe, gamma, beta, running_mean, running_var,
+                               eps=self.epsilon, momentum=self.momentum, fix_gamma=self.fix_gamma,
+                               native=self._native, dtype=dtype)
+
+    def _empty(self, F, x, gamma, beta, running_mean, running_var, sync, dtype):
+        """A worker's empty batch (numpy mode; imperative): no example, but the same exchanges
+        and running-statistics update as every other worker's (PyTorch's rules, pytorch#36530).
+        Its statistics add zeros; the normalization runs on one stand-in example of zeros,
+        whose output reaches the empty output times 0, so that backward sends the exchange
+        zeros and the parameters get zero gradients. The empty array itself goes through no
+        reshape and no distbn operator: MXNet's backward fails on either at size 0."""
+        channels = x.shape[self.axis]
+        # Zeros that depend on x as the statistics do, so that backward reaches the exchange
+        # exactly when it does on the other workers (MXNet skips it when nothing upstream
+        # needs a gradient).
+        local = F.broadcast_add(F.zeros((1 + 2 * channels,), dtype="float64"),
+                                F.cast(F.sum(x), "float64") * 0)
+        stand_in = F.zeros((1, channels, 1), dtype=dtype if dtype == "float64" else "float32")
+        done = self._exchange_and_normalize(F, stand_in, local, gamma, beta, running_mean,
+                                            running_var, sync, dtype)
+        return F.broadcast_add(x, (F.sum(done) * 0).astype(x.dtype).reshape((1,) * x.ndim))
 
     # Half-precision data (float16 after ``net.cast('float16')``, bfloat16 or float16 inside
     # a network under MXNet's AMP) meet float32 parameters, as in MXNet's BatchNorm. distbn's

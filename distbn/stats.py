@@ -52,7 +52,13 @@ def channels_in_middle(F, x, axis: int):
     those after it. Batch-norm statistics are over A and B, so every layout (NCHW, NHWC, NC,
     NWC, NDHWC, ...) goes through the same operators as (N, C, rest), with no transpose. Only
     reshapes, whose codes need no ndim (a graph's inputs have none when it is traced):
-    ``-3`` merges two axes from the left; with ``reverse`` the codes count from the right."""
+    ``-3`` merges two axes from the left; with ``reverse`` the codes count from the right.
+    An array (imperative) gets its shape spelled out instead: MXNet's reshape divides by the
+    known sizes to infer ``-1``, which fails on an empty batch."""
+    if hasattr(x, "shape"):
+        a = axis % len(x.shape)
+        before, after = x.shape[:a], x.shape[a + 1:]
+        return F.reshape(x, (int(np.prod(before)), x.shape[a], int(np.prod(after))))
     if axis == 0:
         return F.reshape(F.expand_dims(x, axis=0), (0, 0, -1))
     if axis > 0:

@@ -102,6 +102,28 @@ def test_bn_group_bench_tiny(tmp_path):
         assert r["examples_per_second"] and all(v > 0 for v in r["examples_per_second"])
 
 
+def test_precise_bn_bench_tiny(tmp_path):
+    out = tmp_path / "p.json"
+    python(["bench/precise_bn.py", "--workers", "1", "--seeds", "0", "--epochs", "1", "--limit",
+            "512", "--precise-bn", "256", "--json", out], timeout=600, env=ENV)
+    got = json.loads(out.read_text())
+    assert [r["stats"] for r in got["rows"]] == ["running", "re-estimated"]
+    (raw,) = got["raw"]
+    assert raw["precise_bn_seconds"] > 0 and 0 < raw["test_acc"] <= 1
+    assert raw["precise_bn_share"] == pytest.approx(raw["precise_bn_seconds"] / raw["epoch_seconds"],
+                                                    abs=1e-4)
+
+
+@pytest.mark.multiproc
+def test_numpy_mode_bench_two_workers(tmp_path):
+    out = tmp_path / "n.json"
+    horovodrun(2, ["bench/numpy_mode.py", "--rounds", "1", "--steps", "2", "--warmup", "1",
+                   "--json", out], timeout=300)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["workers"] == 2 and row["bn"] == "sync" and row["legacy_ms"] > 0
+    assert row["numpy_vs_legacy"] == pytest.approx(row["numpy_ms"] / row["legacy_ms"], rel=1e-2)
+
+
 def test_sync_bytes_model():
     _, text = python(["bench/sync_bytes.py", "--model"], timeout=300)
     rows = [dict(kv.split("=") for kv in line.split(" | ")) for line in text.splitlines()

@@ -262,6 +262,33 @@ def test_axis_is_checked_on_imperative_calls():
         distbn.BatchNorm(axis=1.0)
 
 
+def test_empty_batch_in_one_process(kernels):
+    """Numpy mode: an empty batch gives an empty output and input gradient, zero parameter
+    gradients and running statistics as they were (MXNet's own operator, Gluon's layer, fills
+    both with NaN); the MXNet-operator graph refuses it in one line."""
+    mx.npx.set_np()
+    try:
+        layer = distbn.SyncBatchNorm(3, axis=-1)
+        layer.initialize()
+        layer.running_mean.set_data(mx.np.array([1.0, 2.0, 3.0]))
+        x = mx.np.zeros((0, 4, 3))
+        x.attach_grad()
+        if kernels == "mxnet-ops":
+            with pytest.raises(ValueError, match=r"empty input of shape \(0, 4, 3\): the MXNet-operator"):
+                layer(x)
+            return
+        with autograd.record():
+            y = layer(x)
+            (y * y).sum().backward()
+        assert y.shape == (0, 4, 3) and x.grad.shape == (0, 4, 3)
+        assert layer.gamma.grad().asnumpy().tolist() == [0, 0, 0]
+        assert layer.beta.grad().asnumpy().tolist() == [0, 0, 0]
+        assert layer.running_mean.data().asnumpy().tolist() == [1, 2, 3]
+        assert layer.running_var.data().asnumpy().tolist() == [1, 1, 1]
+    finally:
+        mx.npx.reset_np()
+
+
 def test_converter_keeps_the_axis():
     net = gluon.nn.HybridSequential()
     net.add(gluon.nn.Dense(4, flatten=False), gluon.nn.BatchNorm(axis=-1))

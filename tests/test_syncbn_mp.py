@@ -131,9 +131,13 @@ LAYOUTS = {"numpy": ["--ndim", 4, "--numpy"], "numpy-2d": ["--ndim", 2, "--numpy
            "numpy-nhwc": ["--ndim", 4, "--axis", -1, "--numpy"]}
 
 
-@pytest.mark.parametrize("np_", [2, 4])
-@pytest.mark.parametrize("hybridize", [False, True])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# Each layout at 2 and 4 workers, hybridized; numpy mode and NHWC imperatively as well (the
+# one-process tests run every axis and mode both ways).
+LAYOUT_CASES = [(layout, True, n) for layout in LAYOUTS for n in (2, 4) if layout != "numpy-2d"]
+LAYOUT_CASES += [("numpy-2d", True, 2), ("numpy", False, 2), ("numpy", False, 4), ("nhwc", False, 2)]
+
+
+@pytest.mark.parametrize("layout, hybridize, np_", LAYOUT_CASES)
 def test_numpy_mode_and_channels_last_equal_plain_bn(layout, hybridize, np_):
     _, out = horovodrun(np_, [MP / "syncbn_equivalence.py", *LAYOUTS[layout], "--sizes", "3,5,1,7"]
                         + (["--hybridize"] if hybridize else []), timeout=180)
@@ -163,3 +167,25 @@ def test_books_numpy_lenet_trains_with_sync_bn():
     _, out = horovodrun(2, [MP / "book_numpy.py"], env={"DISTBN_DATA_DIR": str(SHARED_DATA)},
                         timeout=300)
     assert out.count("numpy LeNet") == 2 and out.count(": OK") == 2, out
+
+
+# Empty per-worker batches (numpy mode, where a 0-size batch exists), with PyTorch's rules:
+# the empty worker takes part in both exchanges, gets an empty output and zero gradients; the
+# statistics are the examples'; a global batch of none leaves the running statistics alone.
+EMPTY = {"one-of-two": (2, "3,0"), "two-of-four": (4, "3,0,5,0"), "first-of-two-nhwc": (2, "0,4"),
+         "every-worker": (2, "0,0"), "every-worker-of-four": (4, "0,0,0,0")}
+
+
+@pytest.mark.parametrize("case", list(EMPTY))
+def test_empty_batches_follow_pytorchs_rules(case):
+    np_, sizes = EMPTY[case]
+    args = ["--numpy", "--sizes", sizes, "--ndim", 2 if np_ == 4 else 4]
+    args += ["--axis", -1] if "nhwc" in case else []
+    _, out = horovodrun(np_, [MP / "syncbn_equivalence.py", *args], timeout=180)
+    assert out.count(": OK") == np_, out
+
+
+def test_empty_batch_with_local_bn_is_caught():
+    code, out = horovodrun(4, [MP / "syncbn_equivalence.py", "--numpy", "--sizes", "3,0,5,0",
+                               "--ndim", 2, "--layer", "local"], timeout=180, check=False)
+    assert code != 0 and "MISMATCH" in out, out

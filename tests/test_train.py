@@ -69,15 +69,21 @@ LOSS_TOL = 5e-3
 @pytest.mark.multiproc
 def test_two_workers_local_bn_moving_stats_differ(tmp_path):
     """Negative control: Gluon's local BN at 2 workers keeps replicas' parameters equal but
-    not their moving statistics, and fails the previous test's bound on the losses."""
+    not their moving statistics (without re-estimation), and fails the previous test's bound
+    on the losses. Re-estimated (train.precise_bn, the default), every worker ends with the
+    same statistics, local BN too."""
     one, _, _ = train(tmp_path, "one")
-    run_dir, _, _ = train(tmp_path, "gluon", np_=2, extra=["--set", "model.bn=gluon"])
+    run_dir, _, _ = train(tmp_path, "gluon", np_=2, extra=["--set", "model.bn=gluon",
+                                                          "--set", "train.precise_bn=0"])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["param_max_deviation_across_workers"] == 0.0
     assert summary["moving_stats_max_deviation_across_workers"] > 1e-4
     misses = [abs(a["train_loss"] - b["train_loss"])
               for a, b in zip(read_metrics(one), read_metrics(run_dir))]
     assert min(misses) > LOSS_TOL, misses
+    precise, _, _ = train(tmp_path, "precise", np_=2, extra=["--set", "model.bn=gluon"])
+    assert json.loads((precise / "summary.json").read_text())[
+        "moving_stats_max_deviation_across_workers"] == 0.0
 
 
 @pytest.mark.multiproc
@@ -198,13 +204,15 @@ def test_bn_groups_sync_within_groups_only(tmp_path):
     (rank 0 against ranks 2 and 3), while a group as large as the job equals no grouping; a
     group size that does not divide the workers is refused."""
     grouped, _, out = train(tmp_path, "grouped", np_=4, extra=["--set", "model.bn_group=2",
-                                                              "--set", "train.epochs=1"])
+                                                              "--set", "train.epochs=1",
+                                                              "--set", "train.precise_bn=0"])
     assert "over Gloo in groups of 2" in out, out[-2000:]
     summary = json.loads((grouped / "summary.json").read_text())
     assert summary["param_max_deviation_across_workers"] == 0.0
     assert summary["moving_stats_max_deviation_across_workers"] > 1e-6
     whole, _, _ = train(tmp_path, "whole", np_=4, extra=["--set", "model.bn_group=4",
-                                                        "--set", "train.epochs=1"])
+                                                        "--set", "train.epochs=1",
+                                                        "--set", "train.precise_bn=0"])
     assert json.loads((whole / "summary.json").read_text())[
         "moving_stats_max_deviation_across_workers"] == 0.0
     _, code, out = train(tmp_path, "bad", np_=4, extra=["--set", "model.bn_group=3"], check=False)

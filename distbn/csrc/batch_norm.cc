@@ -152,6 +152,10 @@ MXReturnValue stats_forward_t(std::vector<MXTensor>* in, std::vector<MXTensor>* 
   double* L = (*out)[0].data<double>();
   const double n = static_cast<double>(d.n * d.hw);
   L[0] = n;
+  if (n == 0) {  // an empty batch (numpy mode): it adds nothing to the sums
+    for (int64_t k = 1; k < 1 + 2 * d.c; ++k) L[k] = 0;
+    return MX_SUCCESS;
+  }
 #pragma omp parallel for if (d.n * d.c * d.hw >= kParallelMin)
   for (int64_t c = 0; c < d.c; ++c) {
     const R shift = widen(x[c * d.hw]);
@@ -273,6 +277,9 @@ MXReturnValue apply_forward_t(const Attrs& attrs, std::vector<MXTensor>* in,
   R* rm = (*in)[5].data<R>();
   R* rv = (*in)[6].data<R>();
   T* y = (*out)[0].data<T>();
+  // A global batch of no examples (every worker's empty): nothing to normalize, and the
+  // running statistics stay as they were (PyTorch's rule).
+  if (training && G[0] == 0) return MX_SUCCESS;
 #pragma omp parallel for if (d.n * d.c * d.hw >= kParallelMin)
   for (int64_t c = 0; c < d.c; ++c) {
     const Channel s = channel_stats(G, d.c, c, training, rm, rv);
@@ -332,6 +339,10 @@ MXReturnValue apply_backward_t(const Attrs& attrs, std::vector<MXTensor>* in,
   zero(&(*out)[1]);  // the count's entry stays 0: n is not a function of x
   for (size_t k = 2; k < out->size(); ++k) if (k != 3 && k != 4) zero(&(*out)[k]);
   const double N = training ? G[0] : 1.0;
+  if (N == 0) {  // an empty global batch: every gradient is 0 (dx has no elements)
+    for (int64_t c = 0; c < d.c; ++c) dgamma[c] = dbeta[c] = R(0);
+    return MX_SUCCESS;
+  }
 #pragma omp parallel for if (d.n * d.c * d.hw >= kParallelMin)
   for (int64_t c = 0; c < d.c; ++c) {
     const Channel s = channel_stats(G, d.c, c, training, rm, rv);

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import mxnet as mx
 import numpy as np
 from mxnet import gluon
 from mxnet.util import is_np_array
@@ -103,6 +104,14 @@ class BatchNorm(gluon.HybridBlock):
         """(collective key, ranks) when the statistics are summed over workers, else None
         (this worker's statistics: MXNet's operator)."""
         return None
+
+    def forward(self, x, *args):
+        """Gluon's, except that a hybridized layer given an empty batch runs it imperatively:
+        a compiled graph cannot tell the batch is empty, and its reshapes divide by 0."""
+        if self._active and getattr(x, "size", None) == 0:
+            params = {k: v.data(x.context) for k, v in self._reg_params.items()}
+            return self.hybrid_forward(mx.nd, x, *args, **params)
+        return super().forward(x, *args)
 
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
         if is_np_array():

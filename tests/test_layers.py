@@ -262,7 +262,8 @@ def test_axis_is_checked_on_imperative_calls():
         distbn.BatchNorm(axis=1.0)
 
 
-def test_empty_batch_in_one_process(kernels):
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_empty_batch_in_one_process(kernels, hybrid):
     """Numpy mode: an empty batch gives an empty output and input gradient, zero parameter
     gradients and running statistics as they were (MXNet's own operator, Gluon's layer, fills
     both with NaN); the MXNet-operator graph refuses it in one line."""
@@ -270,6 +271,9 @@ def test_empty_batch_in_one_process(kernels):
     try:
         layer = distbn.SyncBatchNorm(3, axis=-1)
         layer.initialize()
+        if hybrid:
+            layer.hybridize()
+            layer(mx.np.ones((2, 4, 3)))  # compiled, in prediction mode (statistics kept)
         layer.running_mean.set_data(mx.np.array([1.0, 2.0, 3.0]))
         x = mx.np.zeros((0, 4, 3))
         x.attach_grad()

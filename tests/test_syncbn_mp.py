@@ -173,7 +173,8 @@ def test_books_numpy_lenet_trains_with_sync_bn():
 # the empty worker takes part in both exchanges, gets an empty output and zero gradients; the
 # statistics are the examples'; a global batch of none leaves the running statistics alone.
 EMPTY = {"one-of-two": (2, "3,0"), "two-of-four": (4, "3,0,5,0"), "first-of-two-nhwc": (2, "0,4"),
-         "every-worker": (2, "0,0"), "every-worker-of-four": (4, "0,0,0,0")}
+         "every-worker": (2, "0,0"), "every-worker-of-four": (4, "0,0,0,0"),
+         "one-of-two-hybridized": (2, "3,0"), "every-worker-hybridized": (2, "0,0")}
 
 
 @pytest.mark.parametrize("case", list(EMPTY))
@@ -181,6 +182,7 @@ def test_empty_batches_follow_pytorchs_rules(case):
     np_, sizes = EMPTY[case]
     args = ["--numpy", "--sizes", sizes, "--ndim", 2 if np_ == 4 else 4]
     args += ["--axis", -1] if "nhwc" in case else []
+    args += ["--hybridize"] if "hybridized" in case else []
     _, out = horovodrun(np_, [MP / "syncbn_equivalence.py", *args], timeout=180)
     assert out.count(": OK") == np_, out
 

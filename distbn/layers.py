@@ -57,7 +57,8 @@ class BatchNorm(gluon.HybridBlock):
     ``num_dims`` (optional: 2 after a dense layer, 4 after a convolution; checked on
     imperative calls). The rest are ``gluon.nn.BatchNorm``'s keywords; ``axis`` (default 1,
     channels first) may be any axis of the input, negative ones counted from the end (-1:
-    channels last, NHWC). Legacy NDArrays and, under ``npx.set_np()``, ``mx.np`` arrays.
+    channels last, NHWC). Legacy NDArrays and, under ``npx.set_np()``, ``mx.np`` arrays, there
+    also an empty batch (PyTorch's rules: see :meth:`_empty`).
     """
 
     def __init__(self, in_channels: int = 0, num_dims: Optional[int] = None, *, axis: int = 1,
@@ -108,7 +109,7 @@ class BatchNorm(gluon.HybridBlock):
     def forward(self, x, *args):
         """Gluon's, except that a hybridized layer given an empty batch runs it imperatively:
         a compiled graph cannot tell the batch is empty, and its reshapes divide by 0."""
-        if self._active and getattr(x, "size", None) == 0:
+        if self._active and _is_empty(x):
             params = {k: v.data(x.context) for k, v in self._reg_params.items()}
             return self.hybrid_forward(mx.nd, x, *args, **params)
         return super().forward(x, *args)
@@ -129,8 +130,7 @@ class BatchNorm(gluon.HybridBlock):
         sync = None if self.use_global_stats else self._allreduce_key()
         # An empty batch (numpy mode) takes the synced graph, with or without the exchange:
         # MXNet's operator would fill the running statistics and gamma's gradient with NaN.
-        empty = hasattr(x, "shape") and 0 in x.shape and not self.use_global_stats
-        if sync is None and not empty:  # this worker's statistics (or frozen): MXNet's operator
+        if sync is None and not (_is_empty(x) and not self.use_global_stats):  # this worker's statistics (or frozen): MXNet's operator
             y = F.BatchNorm(x, gamma, beta, running_mean, running_var, eps=self.epsilon,
                             momentum=self.momentum, fix_gamma=self.fix_gamma,
                             use_global_stats=self.use_global_stats, axis=self.axis)
@@ -162,7 +162,7 @@ class BatchNorm(gluon.HybridBlock):
         # 64x64x14x14 here); the reshape does it once.
         dtype = np.dtype(self.running_mean.dtype).name  # the parameters' (Block.cast)
         cast = not self._native or _is_bfloat16(x)
-        if hasattr(x, "shape") and 0 in x.shape:
+        if _is_empty(x):
             return self._empty(F, x, gamma, beta, running_mean, running_var, sync, dtype)
         x3 = stats.channels_in_middle(F, self._widened(F, x, dtype) if cast else x, self.axis)
         local = stats.local_stats(F, x3, self._native)
@@ -229,6 +229,11 @@ class BatchNorm(gluon.HybridBlock):
                 f"momentum={self.momentum}, "
                 f"epsilon={self.epsilon}, fix_gamma={self.fix_gamma}, "
                 f"use_global_stats={self.use_global_stats})")
+
+
+def _is_empty(x) -> bool:
+    """Whether ``x`` is an array with no element (numpy mode; a symbol's shape is not known)."""
+    return hasattr(x, "shape") and 0 in x.shape
 
 
 def _is_bfloat16(x) -> bool:

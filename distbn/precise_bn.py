@@ -48,8 +48,8 @@ def update_bn_stats(net, batches: Iterable, num_batches: Optional[int] = None) -
     Every worker calls it at the same point with its own ``batches``: input arrays, or
     tuples/lists whose first element is the input, on the network's context (a list costs
     one collective fewer per batch than a generator). ``num_batches`` caps how many each
-    worker takes. Workers whose iterators hold different numbers of
-    batches all stop at the smallest (a warning names it). Parameters, gradients and the
+    worker takes. Workers whose iterators hold different numbers of batches all stop at the
+    smallest (a warning names it). Parameters, gradients and the
     network's hybridization are left as they were; the layers' own moving averages during the
     pass leave no trace. One process without Horovod works the same, with no collective.
     """
@@ -95,13 +95,13 @@ def update_bn_stats(net, batches: Iterable, num_batches: Optional[int] = None) -
     mine = [(g, np.stack([r.asnumpy() for r in rec]) if rec else None)
             for g, rec in zip(groups, records)]
     everyone = comm.allgather_object(mine)
+    array = mx.np.array if is_np_array() else mx.nd.array  # the parameters' kind of array
     for i, layer in enumerate(layers):
         mean, var = population_stats([worker[i] for worker in everyone], layer.name)
         if mean is None:  # the layer saw no example anywhere: it keeps what it had
             mean, var = saved[i][0].asnumpy(), saved[i][1].asnumpy()
-        dtype, array = layer.running_mean.dtype, mx.np.array if is_np_array() else mx.nd.array
-        layer.running_mean.set_data(array(mean, dtype=dtype))
-        layer.running_var.set_data(array(var, dtype=dtype))
+        layer.running_mean.set_data(array(mean, dtype=layer.running_mean.dtype))
+        layer.running_var.set_data(array(var, dtype=layer.running_var.dtype))
     return used
 
 

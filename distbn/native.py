@@ -50,23 +50,26 @@ def pypi_cuda() -> list:
 
 def cuda_flags(installs=None) -> list:
     """Flags that compile the all-reduce's GPU lines (``DISTBN_CUDA``: staging through host
-    memory) against the first CUDA install of ``installs`` (each a list of folders with
-    ``include/`` and ``lib*/``) that has the runtime's header and library; by default
-    ``CUDA_HOME``, ``/usr/local/cuda``, then PyPI's wheels (:func:`pypi_cuda`). Raises when
-    none has."""
+    memory) against the first CUDA 11 install of ``installs`` (each a list of folders with
+    ``include/`` and ``lib*/``) that has the runtime's header and library; by default PyPI's
+    wheels (:func:`pypi_cuda`, what launch/install.sh gives mxnet-cu112), then ``CUDA_HOME``
+    and ``/usr/local/cuda``. MXNet loads CUDA 11's runtime (``libcudart.so.11.0``): a CUDA 12
+    or 13 toolkit there (this machine's /usr/local/cuda is 13) is passed over. Raises when
+    none has it."""
     if installs is None:
-        installs = [[os.environ.get("CUDA_HOME", "")], ["/usr/local/cuda"], pypi_cuda()]
+        installs = [pypi_cuda(), [os.environ.get("CUDA_HOME", "")], ["/usr/local/cuda"]]
     for folders in installs:
         dirs = [Path(f) for f in folders if f]
         incs = [d / "include" for d in dirs if (d / "include").is_dir()]
         libs = [lib for d in dirs for lib in (d / "lib64", d / "lib") if lib.is_dir()]
-        runtime = [r for lib in libs for r in sorted(lib.glob("libcudart.so*"))]
+        runtime = [r for lib in libs for r in sorted(lib.glob("libcudart.so.11*"))]
         if any((i / "cuda_runtime_api.h").is_file() for i in incs) and runtime:
             lib = runtime[0].parent
             return ["-DDISTBN_CUDA", *(f"-I{i}" for i in incs), f"-L{lib}", f"-Wl,-rpath,{lib}",
                     f"-l:{runtime[0].name}"]
-    raise RuntimeError("MXNet is a CUDA build but no CUDA runtime headers were found "
-                       "(set CUDA_HOME to the CUDA toolkit)")
+    raise RuntimeError("MXNet is a CUDA build but no CUDA 11 runtime was found: install "
+                       "launch/cuda11.txt (launch/install.sh does) or set CUDA_HOME to a "
+                       "CUDA 11 toolkit")
 
 
 def _device_flags() -> list:

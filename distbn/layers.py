@@ -42,7 +42,7 @@ from mxnet import gluon
 from mxnet.util import is_np_array
 from mxnet.contrib.amp.amp import bfloat16  # numpy has none: AMP's structured dtype
 
-from . import hardware, native, stats
+from . import gpu, hardware, native, stats
 from .comm import Group, get_comm
 from .engine import allreduce_op
 
@@ -108,11 +108,21 @@ class BatchNorm(gluon.HybridBlock):
 
     def forward(self, x, *args):
         """Gluon's, except that a hybridized layer given an empty batch runs it imperatively:
-        a compiled graph cannot tell the batch is empty, and its reshapes divide by 0."""
+        a compiled graph cannot tell the batch is empty, and its reshapes divide by 0. First,
+        a GPU that MXNet's CUDA wheel has no code for stops here, before its first kernel
+        (:mod:`distbn.gpu`): an array's device, or, for a graph being built, the parameters'."""
+        for ctx in [x.context] if hasattr(x, "context") else self._param_contexts():
+            gpu.check(ctx)
         if self._active and _is_empty(x):
             params = {k: v.data(x.context) for k, v in self._reg_params.items()}
             return self.hybrid_forward(mx.nd, x, *args, **params)
         return super().forward(x, *args)
+
+    def _param_contexts(self) -> list:
+        try:
+            return self.gamma.list_ctx()
+        except RuntimeError:  # not initialized: a graph composed for export, say
+            return []
 
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
         if is_np_array():

@@ -135,10 +135,14 @@ def load_data(cfg: Config) -> Data:
 
 
 def device(comm):
-    """GPU ``local_rank`` when there are GPUs, else the CPU."""
+    """GPU ``local_rank`` when there are GPUs (one MXNet's CUDA wheel can run: distbn.gpu),
+    else the CPU."""
     import mxnet as mx
+    from . import gpu
     n = mx.context.num_gpus()
-    return mx.gpu(comm.local_rank % n) if n > 0 else mx.cpu()
+    ctx = mx.gpu(comm.local_rank % n) if n > 0 else mx.cpu()
+    gpu.check(ctx)
+    return ctx
 
 
 def bn_group(cfg: Config, comm):
@@ -317,12 +321,15 @@ def checkpoint_bytes(cfg: Config, net) -> int:
 
 def check(cfg: Config, run_dir: Path) -> None:
     """``--check``: what a launch script verifies in one process before starting workers:
-    the config (already loaded), the data, the network, and the run directory (made and
-    probed; when the command names none, the log folder), with room for one checkpoint."""
-    from . import precision
+    the config (already loaded), the GPUs the local workers would take, the data, the network,
+    and the run directory (made and probed; when the command names none, the log folder),
+    with room for one checkpoint."""
+    from . import gpu, precision
     from .storage import prepare_dir
 
     import mxnet as mx
+    for i in range(mx.context.num_gpus()):
+        gpu.check(mx.gpu(i))
     precision.check(cfg.train.precision, mx.gpu(0) if mx.context.num_gpus() else mx.cpu())
     load_data(cfg)
     prepare_dir(run_dir, checkpoint_bytes(cfg, build_model(cfg, mx.cpu())))
@@ -431,6 +438,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         fail(str(e), shared=True)
     from .data import DataError
+    from .gpu import UnsupportedGPU
     from .storage import StorageError
 
     try:
@@ -440,6 +448,8 @@ def main(argv=None) -> int:
             run(cfg, run_dir, args.resume)
     except (ConfigError, DataError) as e:
         fail(str(e), shared=True)
+    except UnsupportedGPU as e:  # each worker has its own GPU: each one refused says so
+        fail(str(e), is_root=True)
     except StorageError as e:
         if os.environ.get("DISTBN_TRACEBACK") == "1":
             raise

@@ -10,7 +10,7 @@ ifneq ($(SHARED_DATA),)
 export DISTBN_DATA_DIR ?= $(abspath $(SHARED_DATA))
 endif
 
-.PHONY: install train test bench bench-quick clean
+.PHONY: install train test check-gpu-install bench bench-quick clean
 
 install:
 	@bash launch/install.sh
@@ -21,6 +21,11 @@ train: install
 test: install
 	@bash tests/hosts/install.sh
 	@$(PY) -m pytest -q -rs
+
+# The GPU install checked on a machine without a GPU (docs/gpu.md): into .venv-gpu, with the
+# driver's libcuda standing in for a driver; then a named set of the tests on that wheel.
+check-gpu-install:
+	@bash tests/gpu_install/check.sh
 
 # Benchmarks (docs/results.md): the full set rewrites docs/data and docs/img (~50 min on 2
 # cores); the quick one writes runs/bench-quick (~3 min). Both need the bench and book extras.
@@ -33,4 +38,4 @@ bench-quick:
 	@bash bench/run_all.sh --quick
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-gpu runs .pytest_cache

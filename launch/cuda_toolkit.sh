@@ -24,7 +24,7 @@ dest=${2:?usage: cuda_toolkit.sh SITE_PACKAGES DEST}
 nv=$site/nvidia
 CUDA_DEB_VERSION=11.8.89~11.8.0-5~deb12u1
 
-mkdir -p "$dest/nccl/lib" "$dest/include" "$dest/lib64" "$dest/bin" "$dest/nvvm"
+mkdir -p "$dest/nccl/lib"
 ln -sfn "$nv/nccl/include" "$dest/nccl/include"
 ln -sfn "$nv/nccl/lib/libnccl.so.2" "$dest/nccl/lib/libnccl.so"
 
@@ -33,6 +33,7 @@ if [ -n "${CUDA_HOME:-}" ] && "$CUDA_HOME/bin/nvcc" --version 2>/dev/null | grep
   exit 0
 fi
 
+mkdir -p "$dest/include" "$dest/lib64" "$dest/bin" "$dest/nvvm"
 debs=$(mktemp -d)
 trap 'rm -rf "$debs"' EXIT
 nonfree_download "$debs" "nvidia-cuda-toolkit=$CUDA_DEB_VERSION" "nvidia-cuda-dev=$CUDA_DEB_VERSION" ||

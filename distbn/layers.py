@@ -85,6 +85,7 @@ class BatchNorm(gluon.HybridBlock):
         # (and so uses them) is known only when its graph is traced.
         self._native = native.kernels()
         self._data_dtype = "float32"
+        self._checked_devices = None  # the parameters' devices, once distbn.gpu passed them
         shape = (in_channels,)
 
         def param(name, init, trainable):
@@ -108,21 +109,26 @@ class BatchNorm(gluon.HybridBlock):
 
     def forward(self, x, *args):
         """Gluon's, except that a hybridized layer given an empty batch runs it imperatively:
-        a compiled graph cannot tell the batch is empty, and its reshapes divide by 0. First,
-        a GPU that MXNet's CUDA wheel has no code for stops here, before its first kernel
-        (:mod:`distbn.gpu`): an array's device, or, for a graph being built, the parameters'."""
-        for ctx in [x.context] if hasattr(x, "context") else self._param_contexts():
-            gpu.check(ctx)
+        a compiled graph cannot tell the batch is empty, and its reshapes divide by 0."""
+        self._check_devices()
         if self._active and _is_empty(x):
             params = {k: v.data(x.context) for k, v in self._reg_params.items()}
             return self.hybrid_forward(mx.nd, x, *args, **params)
         return super().forward(x, *args)
 
-    def _param_contexts(self) -> list:
+    def _check_devices(self) -> None:
+        """A GPU that MXNet's CUDA wheel has no code for stops here, before its first kernel
+        (:mod:`distbn.gpu`). The parameters' devices are where the layer runs (deferred ones
+        too: before anything is allocated there); asked again only when they change, so an
+        imperative call costs a list comparison."""
         try:
-            return self.gamma.list_ctx()
+            devices = self.gamma.list_ctx()
         except RuntimeError:  # not initialized: a graph composed for export, say
-            return []
+            return
+        if devices != self._checked_devices:
+            for ctx in devices:
+                gpu.check(ctx)
+            self._checked_devices = devices
 
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
         if is_np_array():

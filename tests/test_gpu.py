@@ -47,24 +47,25 @@ def test_check_passes_cpus_and_supported_gpus_and_raises_for_others(fake_gpu, mo
         gpu.check(mx.gpu(1))
 
 
-class _OnGPU:
-    """An array on GPU 0 as far as the layer's first line can tell (none can be made here)."""
-    context = mx.gpu(0)
-
-
 @pytest.mark.parametrize("cls", ["BatchNorm", "SyncBatchNorm"])
 def test_a_layer_on_an_unsupported_gpu_refuses_before_any_kernel(fake_gpu, cls):
+    """Parameters deferred to GPU 0 (no channels given: nothing is allocated, so this runs
+    without a GPU); an imperative call and a graph being built (a hybridized network's first
+    call) both stop at the check. A CPU array reaches no GPU kernel either way."""
     import distbn
     fake_gpu(*HOPPER)
     layer = getattr(distbn, cls)()
+    layer.initialize(ctx=mx.gpu(0))
     with pytest.raises(gpu.UnsupportedGPU, match="H100"):
-        layer(_OnGPU())
-    # A graph being built (a hybridized network's first call): the parameters' device.
-    layer.initialize(ctx=mx.gpu(0))  # deferred (no channels given): nothing is allocated
+        layer(mx.nd.ones((2, 3)))
     with pytest.raises(gpu.UnsupportedGPU, match="H100"):
         layer(mx.sym.var("data"))
     fake_gpu("NVIDIA A100-SXM4-40GB", (8, 0))
     assert isinstance(layer(mx.sym.var("data")), mx.sym.Symbol)
+    cpu_layer = getattr(distbn, cls)()
+    cpu_layer.initialize()
+    fake_gpu(*HOPPER)
+    assert cpu_layer(mx.nd.ones((2, 3))).shape == (2, 3)
 
 
 # The trainer in a process of its own that sees one GPU of the given kind.

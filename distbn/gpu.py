@@ -15,8 +15,9 @@ from __future__ import annotations
 import ctypes
 from typing import Optional, Tuple
 
-# (major, minor) of every cubin in the wheel; a device runs it when one has its major and a
-# minor no greater than the device's.
+# (major, minor) of every cubin in the wheel (tests/gpu_install/check.sh compares this with
+# cuobjdump's listing of the installed libmxnet.so); a device runs the wheel when one has its
+# major and a minor no greater than the device's.
 WHEEL_ARCHITECTURES = ((5, 0), (6, 0), (7, 0), (8, 0), (8, 6))
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75  # cuda.h's CUdevice_attribute
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76

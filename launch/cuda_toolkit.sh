@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # launch/cuda_toolkit.sh SITE_PACKAGES DEST: a CUDA 11.8 toolkit in DEST for compiling Horovod's
-# NCCL build against the CUDA of launch/cuda11.txt (installed in SITE_PACKAGES). Build time only:
-# install.sh deletes DEST once Horovod's wheel is built and cached.
+# NCCL build against the CUDA of launch/cuda11.txt (installed in SITE_PACKAGES); prints the root
+# to compile with (DEST, or CUDA_HOME: below). Build time only: install.sh deletes DEST once
+# Horovod's wheel is built and cached.
 #
 # PyPI's CUDA 11 wheels carry the headers, the runtime and NCCL, but not the compiler: their
 # nvidia-cuda-nvcc-cu11 holds ptxas and NVVM, no nvcc, cicc or cudafe++, and no CUDA 11 wheel
 # has the static runtime (libcudart_static.a, libcudadevrt.a) that nvcc and Horovod's CMake
 # link. Those come from Debian 12's packages of the same CUDA release (nvidia-cuda-toolkit and
 # nvidia-cuda-dev 11.8.89, non-free), unpacked here, nothing installed. With CUDA_HOME set to a
-# CUDA 11 toolkit of the machine's own, DEST holds only the NCCL folder and the caller uses
-# CUDA_HOME instead (see cuda_home below).
+# CUDA 11 toolkit of the machine's own, DEST holds only the NCCL folder and CUDA_HOME is printed.
 #
 # DEST/bin        nvcc, cicc, ptxas, fatbinary, nvlink, cudafe++, bin2c, crt/; nvcc.profile
 # DEST/include    PyPI's CUDA headers, one folder (the layout nvcc and CMake's FindCUDAToolkit expect)
@@ -22,7 +22,6 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 site=${1:?usage: cuda_toolkit.sh SITE_PACKAGES DEST}
 dest=${2:?usage: cuda_toolkit.sh SITE_PACKAGES DEST}
 nv=$site/nvidia
-CUDA_DEB_VERSION=11.8.89~11.8.0-5~deb12u1
 
 mkdir -p "$dest/nccl/lib"
 ln -sfn "$nv/nccl/include" "$dest/nccl/include"
@@ -30,6 +29,7 @@ ln -sfn "$nv/nccl/lib/libnccl.so.2" "$dest/nccl/lib/libnccl.so"
 
 # The machine's own toolkit, when CUDA_HOME names a CUDA 11 one: nothing more to assemble.
 if [ -n "${CUDA_HOME:-}" ] && "$CUDA_HOME/bin/nvcc" --version 2>/dev/null | grep -q 'release 11\.'; then
+  echo "$CUDA_HOME"
   exit 0
 fi
 
@@ -65,3 +65,4 @@ for pkg in cuda_runtime cuda_nvcc cuda_nvrtc cublas cudnn cufft curand cusolver 
 done
 ln -sfn "$nv/cuda_runtime/lib/libcudart.so.11.0" "$dest/lib64/libcudart.so"
 "$dest/bin/nvcc" --version | grep -q 'release 11\.8' || { echo "the assembled nvcc does not run" >&2; exit 1; }
+echo "$dest"

@@ -4,6 +4,9 @@
 # install and /etc/apt is left alone. Used for what PyPI lacks of CUDA 11 (nvcc, its static
 # runtime: launch/cuda_toolkit.sh) and for the driver's libcuda (the GPU-install check).
 DEBIAN_MIRROR=${DISTBN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# Debian 12's packaging of CUDA 11.8.89 (nvidia-cuda-toolkit, nvidia-cuda-dev): the release of
+# PyPI's wheels in launch/cuda11.txt. Debian may replace it; then this is the one line to change.
+CUDA_DEB_VERSION=11.8.89~11.8.0-5~deb12u1
 DEBIAN_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
 nonfree_download() {

@@ -46,7 +46,7 @@ esac
 # Everything that decides the result of an install goes into the stamp.
 stamp_file="$VENV/.distbn-install-stamp"
 stamp=$( { echo "$device $EXTRAS $HOROVOD_VERSION $MXNET_VERSION";
-           cat pyproject.toml constraints.txt launch/install.sh launch/cuda11.txt launch/cuda_toolkit.sh \
+           cat pyproject.toml constraints.txt launch/install.sh launch/cuda11.txt launch/cuda_toolkit.sh launch/debian_nonfree.sh \
                distbn/csrc/*; } | sha256sum | cut -d' ' -f1)
 
 verify() {
@@ -95,11 +95,8 @@ link_cuda_libraries() {
 # NCCL, Debian's nvcc; or CUDA_HOME's own CUDA 11 toolkit), kernels for exactly the compute
 # capabilities of MXNet's wheel (distbn/gpu.py), and a host compiler nvcc 11.8 accepts.
 nccl_build_env() {
-  local tk=$1 cuda_home=$1 cxx
-  bash "$here/launch/cuda_toolkit.sh" "$site" "$tk" || die "could not assemble CUDA 11.8 for Horovod's build"
-  if [ -n "${CUDA_HOME:-}" ] && "$CUDA_HOME/bin/nvcc" --version 2>/dev/null | grep -q 'release 11\.'; then
-    cuda_home=$CUDA_HOME
-  fi
+  local tk=$1 cuda_home cxx
+  cuda_home=$(bash "$here/launch/cuda_toolkit.sh" "$site" "$tk") || die "could not assemble CUDA 11.8 for Horovod's build"
   cxx=$(host_cxx) || die "nvcc 11.8 needs GCC 11 or older (here: $(g++ -dumpversion 2>/dev/null || echo none)): run 'sudo apt-get install g++-11', then again"
   build_env+=(HOROVOD_GPU_OPERATIONS=NCCL "HOROVOD_CUDA_HOME=$cuda_home" "HOROVOD_NCCL_HOME=$tk/nccl"
               HOROVOD_NCCL_LINK=SHARED "HOROVOD_BUILD_CUDA_CC_LIST=$(wheel_cc_list)"

@@ -79,7 +79,7 @@ say "libraries: libmxnet.so finds CUDA's 9 libraries in $site/nvidia, libcuda.so
 say "horovodrun --check-build: NCCL, Gloo, MXNet"
 
 tmp=$(mktemp -d)
-nonfree_download "$tmp" "nvidia-cuda-toolkit=11.8.89~11.8.0-5~deb12u1" || fail "could not fetch cuobjdump"
+nonfree_download "$tmp" "nvidia-cuda-toolkit=$CUDA_DEB_VERSION" || fail "could not fetch cuobjdump"
 dpkg-deb --fsys-tarfile "$tmp"/nvidia-cuda-toolkit_*.deb | tar -x -C "$tmp" ./usr/bin/cuobjdump
 cubins=$("$tmp/usr/bin/cuobjdump" --list-elf "$site/mxnet/libmxnet.so" | grep -o 'sm_[0-9]*' | sort -u | xargs)
 ptx=$("$tmp/usr/bin/cuobjdump" --list-ptx "$site/mxnet/libmxnet.so" 2>&1 | grep -c '^PTX file' || true)

@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import ending
 from .config import Config, ConfigError, dump_config, load_config
 
 
@@ -47,20 +48,24 @@ _LOST_GRACE_SECONDS = 5.0
 
 
 def fail(msg: str, code: int = 2, is_root: Optional[bool] = None, shared: bool = False,
-         after: float = 0.0) -> None:
+         after: float = 0.0, stopped: bool = False) -> None:
     """Exit with ``code``; the message is printed once for the job, by rank 0.
 
     ``shared``: an error every worker meets alike (config, data), found before Horovod
     starts; the other workers leave the exit to rank 0 (see _REPORT_GRACE_SECONDS).
     ``after``: seconds to wait first, for an error that is the consequence of another
     worker's exit: horovodrun ends the job at the first exit, so when that worker left with
-    its own message, this one is ended before it adds a second."""
+    its own message, this one is ended before it adds a second. ``stopped``: the message
+    says that a signal stopped the run; any other is left unsaid once a signal came (the
+    launcher is ending the job and says why), and the exit waits for it (distbn.ending)."""
+    ending.leaving()
     time.sleep(after)
-    if _is_root_before_init() if is_root is None else is_root:
+    quiet = ending.received() is not None and not stopped
+    if (_is_root_before_init() if is_root is None else is_root) and not quiet:
         print(f"distbn.train: error: {msg}", file=sys.stderr, flush=True)
-    elif shared:
+    elif shared and not quiet:
         time.sleep(_REPORT_GRACE_SECONDS)
-    sys.exit(code)
+    ending.exit(code)
 
 
 def parse_args(argv=None):
@@ -369,6 +374,11 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     except StorageError:
         log.abandon()
         raise
+    except ending.Stopped as e:  # summary.json says how the run ended (rank 0)
+        log.summary({"status": "stopped", "signal": e.name, "workers": comm.size,
+                     "run_dir": str(run_dir), "last_checkpoint": _last_checkpoint(run_dir)})
+        log.close()
+        raise
 
 
 def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -> dict:
@@ -421,7 +431,7 @@ def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -
     bn = bn_layers(net)
     moving = [p for layer in bn for p in (layer.running_mean, layer.running_var)]
     learned = [p for p in net.collect_params().values() if p.grad_req != "null"]
-    summary = {"final": last, "workers": comm.size, "run_dir": str(run_dir),
+    summary = {"status": "completed", "final": last, "workers": comm.size, "run_dir": str(run_dir),
                "precision": cfg.train.precision,
                "param_max_deviation_across_workers": replica_deviation(comm, learned, "learned"),
                "moving_stats_max_deviation_across_workers": replica_deviation(comm, moving, "moving")}
@@ -432,6 +442,7 @@ def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -
 
 
 def main(argv=None) -> int:
+    ending.catch()
     args = parse_args(argv)
     try:
         cfg, run_dir = resolve_config(args)
@@ -466,9 +477,10 @@ def main(argv=None) -> int:
         fail(f"rank {get_comm().rank}: {lost}; the last complete checkpoint is "
              f"{_last_checkpoint(run_dir)} (--resume continues from it)", code=LOST_WORKER_EXIT_CODE,
              is_root=True, after=_LOST_GRACE_SECONDS)
-    except KeyboardInterrupt:
-        fail("interrupted; the last complete checkpoint is kept (--resume continues from it)",
-             code=130)
+    except ending.Stopped as e:
+        fail(f"stopped by {e.name}; the last complete checkpoint is {_last_checkpoint(run_dir)} "
+             f"(--resume continues from it)", code=128 + e.signum, is_root=_is_root_before_init(),
+             stopped=True)
     return 0
 
 
@@ -482,4 +494,4 @@ def _last_checkpoint(run_dir: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ending.exit(main())

@@ -43,6 +43,7 @@ def test_smoke_one_process_writes_everything(tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "epoch-0002"
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
     assert summary["param_max_deviation_across_workers"] == 0.0
 
 

@@ -15,8 +15,10 @@ endif
 install:
 	@bash launch/install.sh
 
+# exec: the recipe's shell becomes launch/local.sh, so a SIGTERM that make passes on to its
+# child reaches the script's trap (launch/job.sh), which stops the job.
 train: install
-	@NP=$(NP) bash launch/local.sh $(CONFIG) $(ARGS)
+	@NP=$(NP) exec bash launch/local.sh $(CONFIG) $(ARGS)
 
 test: install
 	@bash tests/hosts/install.sh

@@ -15,6 +15,7 @@ venv=${DISTBN_VENV:-$here/.venv}
 slots=$(awk -F'slots=' 'NR==1 && NF>1 {print $2+0}' "$hostfile")
 export DISTBN_LOCAL_WORKERS=${slots:-1}
 . "$here/launch/env.sh"
+. "$here/launch/job.sh"
 iface=()
 [ -n "${IFACE:-}" ] && iface=(--network-interface "$IFACE")
 # Horovod 0.28.1's Gloo binds its process-set contexts to the address of the host name, whatever
@@ -29,5 +30,5 @@ esac
 # 0 does): a bad one prints its one line without horovodrun's own traceback after it.
 "$venv/bin/python" -m distbn.train --config "$config" "$@" --check
 # horovodrun (Gloo) starts every worker with this shell's environment, the settings above included.
-exec "$venv/bin/horovodrun" -np "$np" --hostfile "$hostfile" "${iface[@]}" \
+run_job "$venv/bin/horovodrun" -np "$np" --hostfile "$hostfile" "${iface[@]}" \
   "$venv/bin/python" -m distbn.train --config "$config" "$@"

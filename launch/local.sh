@@ -13,11 +13,12 @@ if [ -z "${NP:-}" ]; then
 fi
 export DISTBN_LOCAL_WORKERS=$NP
 . "$here/launch/env.sh"
+. "$here/launch/job.sh"
 if [ "$NP" -eq 1 ]; then
   exec "$venv/bin/python" -m distbn.train --config "$config" "$@"
 fi
 # Config and run directory checked in one process first: a bad one prints its one line
 # without horovodrun's own traceback after it.
 "$venv/bin/python" -m distbn.train --config "$config" "$@" --check
-exec "$venv/bin/horovodrun" -np "$NP" -H "localhost:$NP" \
+run_job "$venv/bin/horovodrun" -np "$NP" -H "localhost:$NP" \
   "$venv/bin/python" -m distbn.train --config "$config" "$@"

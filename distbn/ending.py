@@ -21,14 +21,18 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 # horovodrun kills a worker 5 s after its SIGTERM (GRACEFUL_TERMINATION_TIME_S); three times
 # that is the bound for a worker whose signal came from elsewhere (kill PID, a scheduler).
 HOLD_SECONDS = 15.0
 
-_state = {"signal": None, "exiting": False}
+_state = {"signal": None, "exiting": False, "caught": False}
+_on_signal: list = []  # what to record when the first signal comes, on the watcher thread
+_recorded = threading.Event()
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Stopped(BaseException):
@@ -53,9 +57,43 @@ def _handler(signum, frame) -> None:
 
 
 def catch() -> None:
-    """Handle SIGTERM and SIGINT from now on (call from the main thread)."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    """Handle SIGTERM and SIGINT from now on (call from the main thread; once is enough).
+
+    The main thread's handler runs only between Python bytecodes; a worker blocked in an
+    exchange whose peer has stopped never gets there before the launcher kills it. So the
+    signal is also written to a pipe (``signal.set_wakeup_fd``) that a thread of this module
+    reads, and that thread runs what :func:`on_signal` registered (the run's record)."""
+    if _state["caught"]:
+        return
+    for sig in _SIGNALS:
         signal.signal(sig, _handler)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    threading.Thread(target=_watch, args=(read_end,), name="distbn-signals", daemon=True).start()
+    _state["caught"] = True
+
+
+def _watch(read_end: int) -> None:
+    signum = 0
+    while signum not in _SIGNALS:  # a byte per handled signal, its number
+        signum = os.read(read_end, 1)[0]
+    for record in list(_on_signal):
+        try:
+            record(signum)
+        except Exception as e:  # noqa: BLE001 - a failed record must not hide the stop
+            print(f"distbn: warning: could not record the stop: {e}", file=sys.stderr)
+    _recorded.set()
+
+
+def on_signal(record: Callable[[int], None]) -> None:
+    """Run ``record(signum)`` on the watcher thread when the first SIGTERM or SIGINT comes."""
+    _on_signal.append(record)
+
+
+def wait_recorded(timeout: float = 5.0) -> None:
+    """Wait (bounded) until what :func:`on_signal` registered has run."""
+    _recorded.wait(timeout)
 
 
 def received() -> Optional[int]:

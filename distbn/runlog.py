@@ -65,6 +65,7 @@ class RunLog(NullRunLog):
         from tensorboardX import SummaryWriter
 
         self.run_dir = run_dir
+        self._summary_lock = threading.Lock()
         # Found before the first step: a folder that cannot be made or written, or a disk
         # that cannot hold one checkpoint.
         storage.prepare_dir(run_dir, checkpoint_bytes)
@@ -151,7 +152,8 @@ class RunLog(NullRunLog):
             storage.write_text(path, "".join(line + "\n" for line in kept))
 
     def summary(self, summary: dict) -> None:
-        storage.write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        with self._summary_lock:  # the main thread's and distbn.ending's (a stop) may meet
+            storage.write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
 
     def close(self) -> None:
         self._tb.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -366,6 +367,11 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     log = open_run_log(comm.rank == 0, run_dir, dump_config(cfg), cfg.to_dict(),
                        cfg.log.progress, cfg.log.histograms, checkpoint_bytes(cfg, net))
     broadcast_parameters(net, prefix="distbn.init")
+    # How the run ended, in summary.json (rank 0), when a signal stops it: written on
+    # distbn.ending's thread, since this one may be blocked in an exchange with a stopped peer.
+    ending.on_signal(lambda signum: log.summary({
+        "status": "stopped", "signal": signal.Signals(signum).name, "workers": comm.size,
+        "run_dir": str(run_dir), "last_checkpoint": _last_checkpoint(run_dir)}))
     opt = {"learning_rate": cfg.train.lr, "momentum": cfg.train.momentum}
     trainer = comm.trainer(net.collect_params(), "sgd", opt)
     precision.prepare_trainer(cfg.train.precision, trainer)
@@ -374,9 +380,8 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     except StorageError:
         log.abandon()
         raise
-    except ending.Stopped as e:  # summary.json says how the run ended (rank 0)
-        log.summary({"status": "stopped", "signal": e.name, "workers": comm.size,
-                     "run_dir": str(run_dir), "last_checkpoint": _last_checkpoint(run_dir)})
+    except ending.Stopped:
+        ending.wait_recorded()  # summary.json, written on the signal's thread (below)
         log.close()
         raise
 

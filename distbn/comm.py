@@ -100,11 +100,13 @@ class Comm:
         mx.nd.waitall()
 
     def trainer(self, params, optimizer: str, optimizer_params: dict):
-        """A Gluon trainer whose gradients are averaged over all workers before each step."""
+        """A Gluon trainer whose gradients are summed over this process's devices and averaged
+        over all workers before each step (one process: Gluon's, whose kvstore sums the
+        devices' gradients)."""
         import mxnet as mx
         if self.size == 1:
             return mx.gluon.Trainer(params, optimizer, optimizer_params)
-        return _hvd.DistributedTrainer(params, optimizer, optimizer_params)
+        return _DistributedTrainer(params, optimizer, optimizer_params)
 
     def group(self, ranks: Sequence[int]) -> Group:
         """A group of the given ranks for the sync layers (``process_set=``). Every worker
@@ -152,6 +154,26 @@ class Comm:
         if self.rank not in group.ranks:
             raise ValueError(f"rank {self.rank} is not a member of the group {group.ranks}")
         return group.size
+
+
+if _hvd is not None:
+    class _DistributedTrainer(_hvd.DistributedTrainer):
+        """horovod.mxnet's trainer, with the gradients of parameters that live on several
+        devices of a process summed over them first: Horovod 0.28.1 all-reduces only each
+        parameter's first gradient (``param.list_grad()[0]``), and the other devices would
+        update with their own. Summed into the first, all-reduced by Horovod, copied to the
+        others (engine operations, ordered after Horovod's in-place write by its variable)."""
+
+        def _allreduce_grads(self):
+            several = [p.list_grad() for p in self._params
+                       if p.grad_req != "null" and len(p.list_ctx()) > 1]
+            for grads in several:
+                for g in grads[1:]:
+                    grads[0] += g.as_in_context(grads[0].context)
+            super()._allreduce_grads()
+            for grads in several:
+                for g in grads[1:]:
+                    grads[0].copyto(g)
 
 
 def _check_shapes(params) -> None:

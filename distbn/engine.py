@@ -13,6 +13,14 @@ on this host, else the address this host's name resolves to.
 
 ``DISTBN_SYNC_TIMEOUT`` (seconds, default none): an exchange that hears nothing from a peer for
 that long fails naming it; without it a silent worker is left to the trainer's stall guard.
+
+Several devices in one process (a layer whose parameters live on ``mx.cpu(0)``, ``mx.cpu(1)``
+or several GPUs): the layer's exchange is then :data:`DEVICES_OP`, an asynchronous MXNet
+operator (a ``CustomOp``: it holds no MXNet resource and waits on a thread of its own, never on
+a device's engine thread) whose devices meet in the C++ engine (``distbn_devices_allreduce``):
+the last device to arrive sums the devices' statistics and runs the one cross-process
+all-reduce. ``DISTBN_DEVICE_TIMEOUT`` (seconds, default 60): how long a device waits for the
+others to reach the same layer before the exchange fails naming the layer.
 """
 from __future__ import annotations
 
@@ -23,11 +31,16 @@ import re
 import socket
 import struct
 
+import mxnet as mx
+import numpy as np
+
 from . import native
 
 _SIOCGIFADDR = 0x8915
 _ERR = 1024
 _world: dict = {"size": 1}
+_device_error: dict = {}  # the newest failure of a devices' exchange (MXNet's error hides it)
+DEVICES_OP = "distbn_devices_allreduce"
 
 
 class EngineError(RuntimeError):
@@ -121,9 +134,14 @@ def last() -> str:
 
 def failure(exc: BaseException):
     """The exchange's own message when ``exc`` (an MXNetError raised by a graph) came from a
-    failed sync-layer collective -- a lost or out-of-step worker -- else None."""
+    failed sync-layer collective -- a lost or out-of-step worker, a device that never came --
+    else None."""
     found = re.search(r"distbn all-reduce: ([^\n]*)", str(exc))
-    return found.group(1).strip() if found else None
+    if found:
+        return found.group(1).strip()
+    if isinstance(exc, mx.base.MXNetError) and "CustomOp" in str(exc):
+        return _device_error.get("message")  # MXNet's text of a failed CustomOp does not say
+    return None
 
 
 def name(key: str, n: int) -> None:
@@ -146,10 +164,84 @@ def allreduce(data, key: str, ranks: tuple = ()):
     return out
 
 
-def allreduce_op(F, x, probe, key: str, ranks: tuple = ()):
+def allreduce_op(F, x, probe, key: str, ranks: tuple = (), devices: tuple = ()):
     """The graph operator: sum of the packed statistics ``x`` (float64) over the workers of
-    ``ranks`` (all when empty) in training, per ``probe`` (:func:`distbn.stats.mode_probe`), and
-    of their gradient in backward; ``x`` itself in prediction. Collectives are named
-    ``distbn.<key>fwd`` / ``distbn.<key>bwd``: keys must be the same on every worker and unique
-    per layer (the layers use their Gluon prefix)."""
+    ``ranks`` (all when empty) and the ``devices`` of this process (the layer's parameters'
+    contexts) in training, per ``probe`` (:func:`distbn.stats.mode_probe`), and of their gradient
+    in backward; ``x`` itself in prediction. Collectives are named ``distbn.<key>fwd`` /
+    ``distbn.<key>bwd``: keys must be the same on every worker and unique per layer (the layers
+    use their Gluon prefix)."""
+    if len(devices) > 1:
+        return F.Custom(x, probe, op_type=DEVICES_OP, key=f"distbn.{key}",
+                        ranks=group_key(ranks), devices=",".join(map(str, devices)))
     return F.distbn_allreduce(x, probe, key=f"distbn.{key}", ranks=group_key(ranks))
+
+
+def devices_allreduce(data, key: str, ranks: str, device: int, n_devices: int):
+    """Sum of a float64 numpy array over the ``n_devices`` devices of this process (this call
+    is ``device``'s) and the workers of the group ``ranks`` (:func:`group_key`); blocks until
+    every device has made the same call (raises EngineError after ``DISTBN_DEVICE_TIMEOUT``)."""
+    src = np.ascontiguousarray(data, dtype=np.float64)
+    out = np.empty_like(src)
+    dp = ctypes.POINTER(ctypes.c_double)
+    timeout = float(os.environ.get("DISTBN_DEVICE_TIMEOUT", "60") or 60)
+    _call(native.clib().distbn_devices_allreduce, src.ctypes.data_as(dp), out.ctypes.data_as(dp),
+          ctypes.c_longlong(src.size), key.encode(), ranks.encode(), device, n_devices,
+          ctypes.c_double(timeout))
+    return out
+
+
+class _DevicesAllreduce(mx.operator.CustomOp):
+    """One device's exchange (see the module docstring). Its body runs on MXNet's custom-operator
+    threads; the C++ call releases the GIL while it waits."""
+
+    def __init__(self, key: str, ranks: str, device: int, n_devices: int):
+        super().__init__()
+        self._key, self._ranks, self._device, self._n = key, ranks, device, n_devices
+        self._training = False
+
+    def forward(self, is_train, req, in_data, out_data, aux):
+        self._training = is_train  # prediction: the data pass through, no exchange
+        x = in_data[0]
+        self.assign(out_data[0], req[0], self._sum(x, "fwd") if is_train else x)
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        dy = out_grad[0]
+        self.assign(in_grad[0], req[0], self._sum(dy, "bwd") if self._training else dy)
+        self.assign(in_grad[1], req[1], mx.nd.zeros_like(in_data[1]))
+
+    def _sum(self, x, phase: str):
+        try:
+            total = devices_allreduce(x.asnumpy(), self._key + phase, self._ranks, self._device,
+                                      self._n)
+        except EngineError as e:
+            msg = str(e)
+            if x.context.device_type == "cpu" and "waited" in msg:
+                msg += (f"; on the CPU, MXNet's devices draw temporary space from one pool of "
+                        f"MXNET_CPU_TEMP_COPY copies (now {os.environ.get('MXNET_CPU_TEMP_COPY', 4)}"
+                        f"): a device's operators queued after its exchange hold copies that the "
+                        f"others need before theirs; set MXNET_CPU_TEMP_COPY=64 or more before "
+                        f"MXNet starts (docs/layer.md, several devices)")
+            _device_error["message"] = msg.replace("distbn all-reduce: ", "", 1)
+            raise EngineError(msg) from None
+        return mx.nd.array(total, ctx=x.context, dtype="float64")
+
+
+@mx.operator.register(DEVICES_OP)
+class _DevicesAllreduceProp(mx.operator.CustomOpProp):
+    def __init__(self, key, ranks, devices):
+        super().__init__(need_top_grad=True)
+        self._key, self._ranks, self._devices = key, ranks, devices.split(",")
+
+    def list_arguments(self):
+        return ["data", "probe"]
+
+    def list_outputs(self):
+        return ["sum"]
+
+    def infer_shape(self, in_shape):
+        return in_shape, [in_shape[0]], []
+
+    def create_operator(self, ctx, in_shapes, in_dtypes):
+        return _DevicesAllreduce(self._key, self._ranks, self._devices.index(str(ctx)),
+                                 len(self._devices))

@@ -34,6 +34,7 @@ Conventions (MXNet's and the book's; PyTorch differs):
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import mxnet as mx
@@ -103,8 +104,8 @@ class BatchNorm(gluon.HybridBlock):
         super().cast(dtype)
 
     def _allreduce_key(self) -> Optional[tuple]:
-        """(collective key, ranks) when the statistics are summed over workers, else None
-        (this worker's statistics: MXNet's operator)."""
+        """(collective key, ranks, devices) when the statistics are summed over workers or
+        devices, else None (this device's statistics: MXNet's operator)."""
         return None
 
     def forward(self, x, *args):
@@ -116,15 +117,20 @@ class BatchNorm(gluon.HybridBlock):
             return self.hybrid_forward(mx.nd, x, *args, **params)
         return super().forward(x, *args)
 
+    def _devices(self) -> tuple:
+        """The parameters' devices (where the layer runs); none before initialization (a
+        graph composed for export)."""
+        try:
+            return tuple(self.gamma.list_ctx())
+        except RuntimeError:
+            return ()
+
     def _check_devices(self) -> None:
         """A GPU that MXNet's CUDA wheel has no code for stops here, before its first kernel
         (:mod:`distbn.gpu`). The parameters' devices are where the layer runs (deferred ones
         too: before anything is allocated there); asked again only when they change, so an
         imperative call costs a list comparison."""
-        try:
-            devices = self.gamma.list_ctx()
-        except RuntimeError:  # not initialized: a graph composed for export, say
-            return
+        devices = self._devices()
         if devices != self._checked_devices:
             for ctx in devices:
                 gpu.check(ctx)
@@ -177,23 +183,34 @@ class BatchNorm(gluon.HybridBlock):
         # blocked layout for each operator that reads it (~0.5 ms each at ResNet-18's
         # 64x64x14x14 here); the reshape does it once.
         dtype = np.dtype(self.running_mean.dtype).name  # the parameters' (Block.cast)
-        cast = not self._native or _is_bfloat16(x)
+        native = self._native and not (sync and sync[2])  # several devices: see below
+        cast = not native or _is_bfloat16(x)
         if _is_empty(x):
+            if not native:
+                raise ValueError(f"{self.name}: empty input of shape {x.shape}: a layer on "
+                                 f"several devices, or the MXNet-operator graph, takes none")
             return self._empty(F, x, gamma, beta, running_mean, running_var, sync, dtype)
         x3 = stats.channels_in_middle(F, self._widened(F, x, dtype) if cast else x, self.axis)
-        local = stats.local_stats(F, x3, self._native)
+        local = stats.local_stats(F, x3, native)
         y3 = self._exchange_and_normalize(F, x3, local, gamma, beta, running_mean, running_var,
-                                          sync, dtype)
+                                          sync, dtype, native)
         y = F.reshape_like(y3, x)
         return self._narrowed(F, y, x, dtype) if cast else y
 
+    # Several devices of one process take the MXNet-operator statistics (the GPUs' graph) on
+    # the CPU too: MXNet gives every library operator (distbn's C++ kernels) a parallel-random
+    # resource, of which all CPU devices share one copy (MXNET_CPU_PARALLEL_RAND_COPY=1), so a
+    # device's kernel queued after its exchange would hold back the other device's kernel
+    # before its exchange, which the first waits for: seen to hang on the first step.
+
     def _exchange_and_normalize(self, F, x3, local, gamma, beta, running_mean, running_var,
-                                sync, dtype):
+                                sync, dtype, native=None):
+        native = self._native if native is None else native
         probe = stats.mode_probe(F, local, running_mean, running_var, dtype)
         total = allreduce_op(F, local, probe, *sync) if sync else local  # None: this worker's
         return stats.normalize(F, x3, total, probe, gamma, beta, running_mean, running_var,
                                eps=self.epsilon, momentum=self.momentum, fix_gamma=self.fix_gamma,
-                               native=self._native, dtype=dtype)
+                               native=native, dtype=dtype)
 
     def _empty(self, F, x, gamma, beta, running_mean, running_var, sync, dtype):
         """A worker's empty batch (numpy mode; imperative): no example, but the same exchanges
@@ -258,24 +275,28 @@ def _is_bfloat16(x) -> bool:
 
 
 class SyncBatchNorm(BatchNorm):
-    """``BatchNorm`` whose training-mode statistics are those of the global batch.
+    """``BatchNorm`` whose training-mode statistics are those of the global batch: every
+    device of every worker (of ``process_set``).
 
     Arguments: those of :class:`BatchNorm` (``in_channels``, ``num_dims``, Gluon's keywords),
-    plus ``num_devices`` (contrib's; unused), ``key`` (the collectives' name; default: the
-    block's prefix) and ``process_set`` (a :class:`distbn.comm.Group`; default: all workers).
+    plus ``num_devices`` (contrib's: the devices of each process, checked against the
+    parameters' contexts when given), ``key`` (the collectives' name; default: the block's
+    prefix) and ``process_set`` (a :class:`distbn.comm.Group`; default: all workers).
     Input (N, C, ...) of float32, float64, float16 (bfloat16 under MXNet's AMP); output of the
     same shape and type. What runs: with one worker MXNet's BatchNorm operator; with several,
     on the CPU distbn's C++ operators and the Gloo all-reduce (:mod:`distbn.engine`), on GPUs
     MXNet's operators and the same all-reduce through host memory (never executed).
 
-    The global batch is the union of the batches of all workers (or of ``process_set``). One
-    packed all-reduce in forward and one in backward per training step, named after ``key``
-    (default: the block's prefix), so networks must be built in the same order on every rank.
-    Uneven per-worker batches are weighted by their counts (a worker may hold a single example).
-    With one worker it does no collective and equals ``BatchNorm``.
-
-    Also takes ``mx.gluon.contrib.nn.SyncBatchNorm``'s ``num_devices``, which means nothing here
-    (Horovod runs one device per process), so swapping the class is a one-word change.
+    The global batch is the union of the batches of all devices of all workers (or of
+    ``process_set``). Several devices of one process (parameters initialized on
+    ``[mx.cpu(0), mx.cpu(1)]`` or several GPUs, as with contrib's layer and the book's
+    multi-GPU loop) meet inside the exchange, which then runs one cross-process all-reduce of
+    their sum (:mod:`distbn.engine`). One packed all-reduce in forward and one in backward per
+    training step, named after ``key`` (default: the block's prefix), so networks must be
+    built in the same order on every rank. Uneven per-worker and per-device batches are
+    weighted by their counts (one may hold a single example). With one worker and one device it
+    does no collective and equals ``BatchNorm``. ``mx.gluon.contrib.nn.SyncBatchNorm(...,
+    num_devices=N)`` becomes this class by a one-word change.
     """
 
     def __init__(self, in_channels: int = 0, num_dims: Optional[int] = None, *,
@@ -285,18 +306,32 @@ class SyncBatchNorm(BatchNorm):
         if process_set is not None and not isinstance(process_set, Group):
             raise TypeError("process_set must be a distbn.comm.Group (from get_comm().group(ranks))"
                             f" or None, got {type(process_set).__name__}")
-        del num_devices  # accepted for contrib compatibility; Horovod has one device per worker
+        if num_devices is not None and (not isinstance(num_devices, int) or num_devices < 1):
+            raise ValueError(f"num_devices must be a positive int or None, got {num_devices!r}")
+        self.num_devices = num_devices
         self.process_set = process_set
         self.key = key or self.prefix
 
     def _allreduce_key(self):
         comm = get_comm()
         size = comm.group_size(self.process_set)
-        if size == 1:
+        devices = self._devices()
+        if self.num_devices is not None and self.num_devices != len(devices):
+            raise ValueError(f"{self.name}: num_devices={self.num_devices}, but the parameters "
+                             f"live on {len(devices)} device(s) {list(map(str, devices))}: "
+                             f"initialize on as many devices, or leave num_devices out")
+        if size == 1 and len(devices) <= 1:
             return None
-        if not comm.engine:
-            raise RuntimeError(f"{self.name}: syncing statistics over {size} workers needs "
-                               "distbn's C++ library (a C++ compiler and Gloo: see the warning "
-                               "above, and launch/install.sh)")
+        if not native.available():
+            raise RuntimeError(f"{self.name}: syncing statistics over {size} workers and "
+                               f"{len(devices)} device(s) needs distbn's C++ library (a C++ "
+                               "compiler and Gloo: see the warning above, and launch/install.sh)")
+        if size > 1 and not comm.engine:
+            raise RuntimeError(f"{self.name}: the sync layers' engine is not up (see above)")
+        if len(devices) > 1 and os.environ.get("MXNET_ENGINE_TYPE") == "NaiveEngine":
+            raise RuntimeError(f"{self.name}: several devices ({len(devices)}) need MXNet's "
+                               "threaded engine, which runs them side by side; MXNET_ENGINE_TYPE="
+                               "NaiveEngine runs one operator at a time and the devices' "
+                               "exchange would wait for ever: unset it")
         ranks = self.process_set.ranks if size < comm.size else ()  # () = all workers
-        return self.key, ranks
+        return self.key, ranks, devices if len(devices) > 1 else ()

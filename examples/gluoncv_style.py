@@ -6,8 +6,8 @@ GluonCV's networks (e.g. ``gluoncv.model_zoo.get_model("resnet50_v1b", norm_laye
 norm_kwargs=...)``) take the class of their BN layers and the keywords to build them with;
 its training scripts pass ``mx.gluon.contrib.nn.SyncBatchNorm`` with
 ``norm_kwargs={"num_devices": N}`` for --syncbn, which syncs the GPUs of one process only.
-``distbn.SyncBatchNorm`` takes the same keywords (``num_devices`` is accepted and means nothing:
-Horovod runs one device per process) and syncs every worker. GluonCV itself is not needed
+``distbn.SyncBatchNorm`` takes the same keywords (``num_devices``: the devices of each process,
+one here, checked against the parameters' contexts) and syncs every device of every worker. GluonCV itself is not needed
 here: the blocks below are written the way GluonCV writes its ResNet-V1b blocks.
 """
 import argparse

@@ -191,3 +191,62 @@ def test_empty_batch_with_local_bn_is_caught():
     code, out = horovodrun(4, [MP / "syncbn_equivalence.py", "--numpy", "--sizes", "3,0,5,0",
                                "--ndim", 2, "--layer", "local"], timeout=180, check=False)
     assert code != 0 and "MISMATCH" in out, out
+
+
+# --- several devices per process (CPU devices mx.cpu(0), mx.cpu(1)) -------------------------
+# MXNet's CPU devices share one pool of temporary space (MXNET_CPU_TEMP_COPY, default 4): with
+# so few copies the devices' exchange cannot meet (see test_too_few_cpu_temp_copies_stop_...).
+DEVICES_ENV = {"MXNET_CPU_TEMP_COPY": "64", "DISTBN_DEVICE_TIMEOUT": "60"}
+DEVICE_MODES = {"imperative": [], "hybridized": ["--hybridize"],
+                "threads": ["--loop", "threads", "--hybridize"],
+                "numpy": ["--numpy", "--hybridize"], "nhwc": ["--axis", "-1"],
+                "dense": ["--ndim", "2"]}
+
+
+@pytest.mark.parametrize("mode", list(DEVICE_MODES))
+def test_two_devices_of_one_process_equal_plain_bn_on_the_whole_batch(mode):
+    """One process, two devices with uneven batches (1 and 5 examples): outputs, input
+    gradients, gamma/beta gradients summed over the devices, every device's running
+    statistics and prediction equal Gluon's BN on the concatenated batch, over 3 SGD steps."""
+    _, out = python([MP / "syncbn_equivalence.py", "--devices", 2, "--sizes", "1,5",
+                     *DEVICE_MODES[mode]], timeout=300, env=DEVICES_ENV)
+    assert "devices=[1, 5]" in out and out.count(": OK") == 1, out
+
+
+@pytest.mark.parametrize("mode", ["imperative", "hybridized", "threads"])
+def test_two_workers_of_two_devices_equal_plain_bn_on_the_whole_batch(mode):
+    _, out = horovodrun(2, [MP / "syncbn_equivalence.py", "--devices", 2, "--sizes", "3,1,2,2",
+                            *DEVICE_MODES[mode]], timeout=300, env=DEVICES_ENV)
+    assert out.count("via=gloo") == 2 and out.count(": OK") == 2, out
+
+
+@pytest.mark.parametrize("control", [["--layer", "local"], ["--layer", "contrib"]])
+def test_per_device_statistics_fail_the_same_check(control):
+    """Negative controls: distbn.BatchNorm (each device its own statistics, what SyncBatchNorm
+    did before), and contrib's SyncBatchNorm, which averages the devices' means (wrong with
+    uneven device batches; with even ones it passes: the next test)."""
+    code, out = python([MP / "syncbn_equivalence.py", "--devices", 2, "--sizes", "1,5", *control],
+                       timeout=300, env=DEVICES_ENV, check=False)
+    assert code != 0 and "MISMATCH step 1 output" in out and ": OK" not in out, out
+
+
+def test_contrib_passes_the_check_with_even_device_batches():
+    _, out = python([MP / "syncbn_equivalence.py", "--devices", 2, "--sizes", "3,3", "--layer",
+                     "contrib"], timeout=300, env=DEVICES_ENV)
+    assert out.count(": OK") == 1, out
+
+
+@pytest.mark.parametrize("control", [["--layer", "local"], ["--trainer", "horovod"]])
+def test_two_workers_of_two_devices_negative_controls(control):
+    """horovod.mxnet's own trainer all-reduces the first device's gradients only: the devices
+    drift apart from the second step (distbn's trainer sums the devices' gradients first)."""
+    code, out = horovodrun(2, [MP / "syncbn_equivalence.py", "--devices", 2, "--sizes", "3,1,2,2",
+                               "--hybridize", *control], timeout=300, env=DEVICES_ENV, check=False)
+    assert code != 0 and "MISMATCH" in out and ": OK" not in out, out
+
+
+def test_too_few_cpu_temp_copies_stop_with_one_message_instead_of_hanging():
+    code, out = python([MP / "syncbn_equivalence.py", "--devices", 2, "--sizes", "1,5"],
+                       timeout=120, env={"MXNET_CPU_TEMP_COPY": "4", "DISTBN_DEVICE_TIMEOUT": "5"},
+                       check=False)
+    assert code != 0 and "waited 5 s for device(s) 1" in out and "MXNET_CPU_TEMP_COPY" in out, out

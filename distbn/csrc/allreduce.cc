@@ -42,9 +42,21 @@
 //
 // The engine runs one operator at a time on its CPU thread (MXNet's default), in the graph's
 // order, which is the same on every worker; the mutex makes concurrent engine threads safe.
+//
+// Several devices in one process (distbn_devices_allreduce, called by the graph operator
+// distbn.engine defines for that case): each device's statistics wait in a meeting of that
+// layer's round (its k-th call on each device meets the k-th on the others); the device that
+// arrives last sums them in device order, runs the one cross-process all-reduce above on that
+// sum, and every device copies the same result. Why not in this file's MXNet operator: MXNet
+// gives every library operator a temporary-space and a parallel-random resource, and on the
+// CPU all devices share one copy of the latter (MXNET_CPU_PARALLEL_RAND_COPY=1), so a library
+// operator that waited for another CPU device's operator would wait for ever (seen here, at
+// any count of temporary-space copies). The meeting is therefore called from an asynchronous
+// operator that holds no resource, on a thread of its own (see distbn/engine.py).
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -238,6 +250,87 @@ std::string allreduce(const double* data, double* out, int64_t n, const std::str
     g.context->closeConnections();
   }
   e.ns_inside += now_ns() - t0;
+  return err;
+}
+
+// --- several devices of one process -------------------------------------------------------
+
+struct Round {  // one call of a layer's exchange on every device of this process
+  std::vector<std::vector<double>> parts;  // by device
+  int arrived = 0, left = 0;
+  bool done = false;
+  std::vector<double> result;
+  std::string error;
+};
+
+struct Meetings {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<std::string, std::vector<int64_t>> calls;         // key -> calls so far, by device
+  std::map<std::pair<std::string, int64_t>, Round> rounds;  // (key, call number)
+};
+
+Meetings& meetings() {
+  static Meetings m;
+  return m;
+}
+
+std::string missing(const Round& r) {
+  std::string who;
+  for (size_t d = 0; d < r.parts.size(); ++d)
+    if (r.parts[d].empty()) who += (who.empty() ? "" : ", ") + std::to_string(d);
+  return who;
+}
+
+// out = sum of `data` (n doubles) over the n_devices devices of this process and over the
+// workers of `ranks`; `device` in [0, n_devices). Waits up to timeout_s for the other devices
+// to reach the same call; returns "" or an error.
+std::string devices_allreduce(const double* data, double* out, int64_t n, const std::string& key,
+                              const std::string& ranks, int device, int n_devices,
+                              double timeout_s) {
+  Meetings& m = meetings();
+  std::unique_lock<std::mutex> lock(m.mu);
+  std::vector<int64_t>& calls = m.calls[key];
+  calls.resize(n_devices, 0);
+  const auto id = std::make_pair(key, calls[device]++);
+  Round& r = m.rounds[id];
+  r.parts.resize(n_devices);
+  r.parts[device].assign(data, data + n);
+  if (++r.arrived == n_devices) {
+    std::vector<double> sum(n, 0.0);
+    for (const auto& part : r.parts) {  // device order: every device gets the same bits
+      if (static_cast<int64_t>(part.size()) != n) {
+        r.error = "distbn all-reduce: " + key + ": the devices of this process hold statistics "
+                  "of different lengths";
+        break;
+      }
+      for (int64_t i = 0; i < n; ++i) sum[i] += part[i];
+    }
+    if (r.error.empty()) {
+      r.result.resize(n);
+      lock.unlock();  // the cross-process exchange may wait for other workers
+      const std::string err = allreduce(sum.data(), r.result.data(), n, key, ranks);
+      lock.lock();
+      r.error = err;
+    }
+    r.done = true;
+    m.cv.notify_all();
+  } else {
+    const auto all_here = [&] { return r.arrived == n_devices || !r.error.empty(); };
+    if (!m.cv.wait_for(lock, std::chrono::duration<double>(timeout_s), all_here)) {
+      std::ostringstream s;
+      s << "distbn all-reduce: " << key << ": device " << device << " of this process waited "
+        << timeout_s << " s for device(s) " << missing(r) << " to run the same layer (a device "
+        << "whose batch skipped it, or a value read before every device was given its batch)";
+      r.error = s.str();
+      r.done = true;
+      m.cv.notify_all();
+    }
+    m.cv.wait(lock, [&] { return r.done; });
+  }
+  const std::string err = r.error;
+  if (err.empty()) std::memcpy(out, r.result.data(), n * sizeof(double));
+  if (++r.left == n_devices) m.rounds.erase(id);  // a timed-out round stays for late devices
   return err;
 }
 
@@ -470,6 +563,14 @@ void distbn_engine_last(char* buf, int len) {
 int distbn_engine_allreduce(const double* data, double* out, long long n, const char* key,
                             const char* ranks, char* err, int err_len) {
   return report(allreduce(data, out, n, key, ranks), err, err_len);
+}
+
+// The exchange of a layer whose parameters live on several devices of this process.
+int distbn_devices_allreduce(const double* data, double* out, long long n, const char* key,
+                             const char* ranks, int device, int n_devices, double timeout_s,
+                             char* err, int err_len) {
+  return report(devices_allreduce(data, out, n, key, ranks, device, n_devices, timeout_s), err,
+                err_len);
 }
 
 // Makes `key` of `n` values known by name to out-of-step messages before it is first used.

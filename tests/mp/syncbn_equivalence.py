@@ -8,12 +8,18 @@ last axis; ``--numpy``: the whole run in MXNet's numpy mode (``npx.set_np()``, m
 A size of 0 (numpy mode) gives that worker an empty batch; the network is then the BN layer
 alone (MXNet's Dense and Conv2D take no empty batch). Every worker empty: the rules alone
 (empty outputs, zero gradients, running statistics unchanged, both exchanges still run), as
-Gluon's BN would fill its statistics with NaN.
+Gluon's BN would fill its statistics with NaN. ``--devices D``: each worker's network lives on
+D CPU devices (``mx.cpu(0)`` ...), ``--sizes`` then gives a size per worker and device, and each
+step runs the book's multi-device loop (``--loop book``: a forward per device, then
+``for l in losses: l.backward()``) or GluonCV's (``--loop threads``: each device's forward in a
+thread of its own, then one ``autograd.backward``); one process is a run of its own.
 
     horovodrun -np 4 python tests/mp/syncbn_equivalence.py --ndim 4 --sizes 3,5,1,7
+    python tests/mp/syncbn_equivalence.py --devices 2 --sizes 1,5 --hybridize
 """
 import argparse
 import sys
+import threading
 
 import numpy as np
 import mxnet as mx
@@ -27,7 +33,7 @@ from distbn.comm import get_comm
 RTOL = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-2}
 
 
-def build(bn_factory, ndim, channels, seed, hybridize=False, bn_only=False, axis=1):
+def build(bn_factory, ndim, channels, seed, hybridize=False, bn_only=False, axis=1, ctx=None):
     net = gluon.nn.HybridSequential()
     if bn_only:  # MXNet's CPU convolutions and dense layers take neither float16 nor float64
         net.add(bn_factory())
@@ -41,7 +47,7 @@ def build(bn_factory, ndim, channels, seed, hybridize=False, bn_only=False, axis
         net.add(gluon.nn.Conv2D(channels, 3, padding=1) if ndim == 4 else gluon.nn.Dense(channels),
                 bn_factory(), gluon.nn.Activation("sigmoid"), gluon.nn.Dense(5))
     mx.random.seed(seed)
-    net.initialize(mx.init.Xavier())
+    net.initialize(mx.init.Xavier(), ctx=ctx)
     if hybridize:
         net.hybridize(static_alloc=True)
     return net
@@ -72,6 +78,30 @@ def _say(what):
     return False
 
 
+def run_devices(net, xs, ws, loop):
+    """Forward and backward of one step on every device, as the book's multi-GPU code does
+    (``loop="book"``) or GluonCV's DataParallelModel (``"threads"``); the outputs."""
+    ys, losses = [None] * len(xs), [None] * len(xs)
+
+    def one(d):
+        with autograd.record():
+            ys[d] = net(xs[d])
+            losses[d] = (ys[d] * ws[d]).sum()
+    if loop == "book":
+        for d in range(len(xs)):
+            one(d)
+        for loss in losses:
+            loss.backward()
+    else:
+        threads = [threading.Thread(target=one, args=(d,)) for d in range(len(xs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        autograd.backward(losses)
+    return ys
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ndim", type=int, default=4)
@@ -82,8 +112,14 @@ def main():
     ap.add_argument("--dtype", choices=list(RTOL), default="float32",
                     help="the networks cast to it (BN parameters stay float32 for float16); "
                          "other than float32, the networks are the BN layer alone")
-    ap.add_argument("--layer", choices=["sync", "local"], default="sync",
-                    help="local: distbn.BatchNorm, a negative control that must FAIL at size > 1")
+    ap.add_argument("--layer", choices=["sync", "local", "contrib"], default="sync",
+                    help="local: distbn.BatchNorm, a negative control that must FAIL at size > 1; "
+                         "contrib: MXNet's contrib SyncBatchNorm (one process, several devices)")
+    ap.add_argument("--devices", type=int, default=1, help="CPU devices per worker")
+    ap.add_argument("--loop", choices=["book", "threads"], default="book")
+    ap.add_argument("--trainer", choices=["distbn", "horovod"], default="distbn",
+                    help="horovod: horovod.mxnet's DistributedTrainer as it is, a negative control "
+                         "(it all-reduces only the first device's gradients)")
     ap.add_argument("--axis", type=int, choices=[1, -1], default=1)
     ap.add_argument("--numpy", action="store_true", help="MXNet's numpy mode, mx.np arrays")
     args = ap.parse_args()
@@ -92,8 +128,13 @@ def main():
     array = mx.np.array if args.numpy else nd.array
     comm = get_comm()
     rank, size = comm.rank, comm.size
-    sizes = [int(s) for s in args.sizes.split(",")][:size] if args.sizes else [4] * size
-    assert len(sizes) == size, f"need {size} sizes, got {sizes}"
+    devices = [mx.cpu(i) for i in range(args.devices)]
+    per_device = [int(s) for s in args.sizes.split(",")] if args.sizes else [4] * size * len(devices)
+    per_device = per_device[:size * len(devices)]
+    assert len(per_device) == size * len(devices), f"need {size} x {len(devices)} sizes"
+    sizes = [sum(per_device[r * len(devices):(r + 1) * len(devices)]) for r in range(size)]
+    mine = per_device[rank * len(devices):(rank + 1) * len(devices)]  # this worker's devices'
+    cuts = np.cumsum([0] + mine)
     assert args.numpy or 0 not in sizes, "legacy NDArrays cannot hold an empty batch: --numpy"
     bn_only = args.dtype != "float32" or 0 in sizes
     channels = 6
@@ -104,11 +145,16 @@ def main():
     bn_dims = args.ndim if args.axis == 1 else None  # the book's num_dims: NC and NCHW
     ref = build(lambda: gluon.nn.BatchNorm(in_channels=channels, axis=args.axis), args.ndim,
                 channels, seed=1, bn_only=bn_only, axis=args.axis)
-    layer = distbn.SyncBatchNorm if args.layer == "sync" else distbn.BatchNorm
+    if args.layer == "contrib":
+        def layer(c, dims, axis):
+            return mx.gluon.contrib.nn.SyncBatchNorm(in_channels=c, num_devices=len(devices))
+    else:
+        layer = distbn.SyncBatchNorm if args.layer == "sync" else distbn.BatchNorm
     # With empty batches the layer is hybridized on its own: a compiled graph around it would
     # hold MXNet's own operators, which take no empty batch.
     net = build(lambda: layer(channels, bn_dims, axis=args.axis), args.ndim, channels, seed=2,
-                hybridize=args.hybridize and 0 not in sizes, bn_only=bn_only, axis=args.axis)
+                hybridize=args.hybridize and 0 not in sizes, bn_only=bn_only, axis=args.axis,
+                ctx=devices)
     if args.hybridize and 0 in sizes:
         net[0].hybridize(static_alloc=True)
     if args.axis == -1:
@@ -131,27 +177,37 @@ def main():
     ok = all(close("init " + q.name, q.data().asnumpy().ravel(), p.data().asnumpy().ravel(), 0, rtol)
              for p, q in zip(ref.collect_params().values(), net.collect_params().values()))
 
+    parts = [(c, cuts[d], cuts[d + 1]) for d, c in enumerate(devices)]  # this worker's slices
     lr = 0.5
     ref_tr = gluon.Trainer(ref.collect_params(), "sgd", {"learning_rate": lr})
-    net_tr = comm.trainer(net.collect_params(), "sgd", {"learning_rate": lr})
+    if args.trainer == "horovod":
+        import horovod.mxnet as hvd
+        net_tr = hvd.DistributedTrainer(net.collect_params(), "sgd", {"learning_rate": lr})
+    else:
+        net_tr = comm.trainer(net.collect_params(), "sgd", {"learning_rate": lr})
     bn_ref, bn_net = (ref[0], net[0]) if bn_only else (ref[1], net[1])
     for step in range(1, args.steps + 1):
         xg = (args.mean + rs.randn(*shape_in)).astype(dtype)
         w = rs.randn(*out_shape).astype(dtype)  # per-output loss weights
-        xr, xs = array(xg, dtype=dtype), array(xg[lo:hi], dtype=dtype)
-        xr.attach_grad(); xs.attach_grad()
-        before = comm.collectives
+        xr = array(xg, dtype=dtype)
+        xr.attach_grad()
         with autograd.record():
             yr = ref(xr); lr_ = (yr * array(w, dtype=dtype)).sum()
-            ys = net(xs); ls_ = (ys * array(w[lo:hi], dtype=dtype)).sum()
-        lr_.backward(); ls_.backward()
+        lr_.backward()
+        xs = [array(xg[lo:hi][a:b], dtype=dtype, ctx=c) for c, a, b in parts]
+        for x in xs:
+            x.attach_grad()
+        before = comm.collectives
+        ys = run_devices(net, xs, [array(w[lo:hi][a:b], dtype=dtype, ctx=c) for c, a, b in parts],
+                         args.loop)
         nd.waitall()
         per_step = comm.collectives - before
         want_coll = 2 if size > 1 and args.layer == "sync" else 0
         if per_step != want_coll:
             print(f"MISMATCH step {step}: {per_step} collectives, expected {want_coll}", flush=True)
             ok = False
-        ok &= ys.dtype == xs.dtype and xs.grad.dtype == xs.dtype or _say(f"dtypes {ys.dtype}, {xs.grad.dtype}")
+        ok &= all(y.dtype == x.dtype and x.grad.dtype == x.dtype for x, y in zip(xs, ys)) or \
+            _say(f"dtypes {ys[0].dtype}, {xs[0].grad.dtype}")
         if total == 0:  # the reference would be Gluon's NaN: PyTorch's rules instead
             ref_y, ref_dx = np.zeros(shape_in), np.zeros(shape_in)
             ref_grads = {p: np.zeros(channels) for p in ("gamma", "beta")}
@@ -160,29 +216,31 @@ def main():
             ref_y, ref_dx = yr.asnumpy(), xr.grad.asnumpy()
             ref_grads = {p: getattr(bn_ref, p).grad().asnumpy() for p in ("gamma", "beta")}
             ref_stats = {p: getattr(bn_ref, p).data().asnumpy() for p in ("running_mean", "running_var")}
-        ok &= close("output", ys.asnumpy(), ref_y[lo:hi], step, rtol)
-        ok &= close("input grad", xs.grad.asnumpy(), ref_dx[lo:hi], step, rtol)
-        for pname in ("gamma", "beta"):
-            g = getattr(bn_net, pname).grad().copy().reshape(-1)
-            g = g.as_nd_ndarray() if args.numpy else g  # Horovod's collectives take NDArrays
-            gsum = comm.allreduce_sum(g, name=f"test.{pname}.{step}").asnumpy()
+        for (c, a, b), x, y in zip(parts, xs, ys):
+            ok &= close(f"output on {c}", y.asnumpy(), ref_y[lo:hi][a:b], step, rtol)
+            ok &= close(f"input grad on {c}", x.grad.asnumpy(), ref_dx[lo:hi][a:b], step, rtol)
+        for pname in ("gamma", "beta"):  # summed over this worker's devices, then the workers
+            g = sum(getattr(bn_net, pname).grad(c).asnumpy().reshape(-1) for c in devices)
+            gsum = comm.allreduce_sum(nd.array(g), name=f"test.{pname}.{step}").asnumpy()
             ok &= close(f"{pname} grad (summed)", gsum, ref_grads[pname], step, rtol)
-        for pname in ("running_mean", "running_var"):
-            ok &= close(pname, getattr(bn_net, pname).data().asnumpy().ravel(), ref_stats[pname],
-                        step, rtol)
+        for pname, c in ((p, c) for p in ("running_mean", "running_var") for c in devices):
+            ok &= close(f"{pname} on {c}", getattr(bn_net, pname).data(c).asnumpy().ravel(),
+                        ref_stats[pname], step, rtol)
         ref_tr.step(max(total, 1))
         net_tr.step(max(total, 1) / size)  # DistributedTrainer averages over workers: sum/total
     # Prediction mode never communicates and uses the (identical) moving statistics.
     before = comm.collectives
     xg = (args.mean + rs.randn(*shape_in)).astype(dtype)
     want = ref(array(xg, dtype=dtype)).asnumpy()[lo:hi] if total else np.zeros(shape_in)
-    ok &= close("prediction output", net(array(xg[lo:hi], dtype=dtype)).asnumpy(), want,
-                "predict", rtol)
+    for c, a, b in parts:
+        got = net(array(xg[lo:hi][a:b], dtype=dtype, ctx=c)).asnumpy()
+        ok &= close(f"prediction output on {c}", got, want[a:b], "predict", rtol)
     if comm.collectives != before:
         print("MISMATCH: prediction mode issued a collective", flush=True)
         ok = False
     via = "gloo" if comm.engine else "none"
     mode = f" axis={args.axis}" * (args.axis != 1) + " numpy" * args.numpy
+    mode += f" devices={mine} loop={args.loop}" * (len(devices) > 1)
     print(f"rank {rank}/{size} sizes={sizes} ndim={args.ndim}{mode} dtype={dtype} via={via} "
           f"hybridized={args.hybridize}: "
           f"{'OK' if ok else 'FAILED'}", flush=True)

@@ -220,8 +220,9 @@ class _DevicesAllreduce(mx.operator.CustomOp):
                 msg += (f"; on the CPU, MXNet's devices draw temporary space from one pool of "
                         f"MXNET_CPU_TEMP_COPY copies (now {os.environ.get('MXNET_CPU_TEMP_COPY', 4)}"
                         f"): a device's operators queued after its exchange hold copies that the "
-                        f"others need before theirs; set MXNET_CPU_TEMP_COPY=64 or more before "
-                        f"MXNet starts (docs/layer.md, several devices)")
+                        f"others need before theirs; set MXNET_CPU_TEMP_COPY higher (more than the "
+                        f"operators of one device's training graph: the book's LeNet needs 256) "
+                        f"before MXNet starts (docs/layer.md, several devices)")
             _device_error["message"] = msg.replace("distbn all-reduce: ", "", 1)
             raise EngineError(msg) from None
         return mx.nd.array(total, ctx=x.context, dtype="float64")

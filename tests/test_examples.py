@@ -17,6 +17,23 @@ def losses(out):
     return [float(v) for v in re.findall(r"step \d+: loss ([0-9.]+)", out)]
 
 
+def test_book_multi_device_loop_in_one_process():
+    """examples/devices.py: the book's loop over two CPU devices; the loss falls and both
+    devices end with the same parameters and running statistics."""
+    _, out = python(["examples/devices.py", "--devices", 2, "--steps", 30], env=ENV, timeout=300)
+    got = losses(out)
+    assert len(got) == 3 and got[-1] < got[0], out
+    assert "rank 0/1 devices=2: largest difference between devices 0\n" in out, out
+
+
+@pytest.mark.multiproc
+def test_book_multi_device_loop_on_two_workers():
+    _, out = horovodrun(2, ["examples/devices.py", "--devices", 2, "--steps", 20], env=ENV,
+                        timeout=300)
+    assert out.count("devices=2: largest difference between devices 0\n") == 2, out
+    assert all(v == v for v in losses(out)), out
+
+
 @pytest.mark.multiproc
 def test_horovod_script_with_pretrained_weights(tmp_path):
     """A weights file saved from the model-zoo network with Gluon's BN (as a pretrained file

@@ -97,6 +97,9 @@ def main():
     ap.add_argument("--signal", nargs="+", default=["SIGTERM", "SIGINT"])
     ap.add_argument("--json")
     a = ap.parse_args()
+    # Started in the background (`cmd &`), this process inherits SIGINT ignored, and so would
+    # the launchers: a shell cannot trap a signal ignored on entry. Default for the children.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stop = multiprocessing.Event()
     loaders = [multiprocessing.Process(target=busy, args=(stop,), daemon=True)
                for _ in range(a.load)]

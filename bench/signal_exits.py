@@ -3,10 +3,11 @@ count, not a timing (docs/results.md, "Stopped jobs").
 
 Each repeat starts a 2-worker smoke run through one launcher, waits for its first checkpoint,
 sends the signal to the launcher, and records the launcher's exit status, the seconds to it and
-what the run's summary.json says. A status of 0 is wrong, and so is one other than the
-launcher's documented one (horovodrun: 1; launch/local.sh and make train: 128 + the signal;
-one process: 128 + the signal). ``--load N`` keeps N busy processes running meanwhile (the
-test suite loads both cores like this).
+what the run's summary.json says. Counted apart: exit statuses other than the launcher's
+documented one, 0 above all (horovodrun: 1; launch/local.sh: 128 + the signal; make train:
+killed by it; one process: 128 + the signal), and runs whose summary.json does not say
+"stopped". ``--load N`` keeps N busy processes running meanwhile (the test suite loads both
+cores like this).
 
     python bench/signal_exits.py --repeats 30 --load 2 --launcher horovodrun
 """
@@ -85,7 +86,7 @@ def once(launcher: str, sig: int, folder: Path) -> dict:
     code = proc.returncode
     return {"launcher": launcher, "signal": signal.Signals(sig).name, "exit": code,
             "seconds": round(seconds, 1), "summary": status,
-            "wrong": code != expected(launcher, sig) or status != "stopped"}
+            "wrong_status": code != expected(launcher, sig), "no_record": status != "stopped"}
 
 
 def main():
@@ -115,12 +116,14 @@ def main():
                     emit([row])
                     rows.append(row)
                     key = f"{launcher} {name}"
-                    counts.setdefault(key, [0, 0])
+                    counts.setdefault(key, [0, 0, 0])
                     counts[key][0] += 1
-                    counts[key][1] += row["wrong"]
+                    counts[key][1] += row["wrong_status"]
+                    counts[key][2] += row["no_record"]
     finally:
         stop.set()
-    totals = [{"launcher_signal": k, "runs": n, "wrong_exits": w} for k, (n, w) in counts.items()]
+    totals = [{"launcher_signal": k, "runs": n, "wrong_exit_statuses": w, "without_record": r}
+              for k, (n, w, r) in counts.items()]
     emit(totals, a.json, load=a.load)
 
 

@@ -58,6 +58,11 @@ def update_bn_stats(net, batches: Iterable, num_batches: Optional[int] = None) -
 
     comm = get_comm()
     layers = [layer for layer in bn_layers(net) if not uses_global_stats(layer)]
+    several = [layer.name for layer in layers if len(layer.running_mean.list_ctx()) > 1]
+    if several:  # its pass runs each batch on one device, whose exchange would wait for the rest
+        raise ValueError(f"update_bn_stats does not take layers whose parameters live on several "
+                         f"devices yet ({several[0]}); "
+                         f"re-estimate on a copy of the network on one device")
     records = [[] for _ in layers]
     saved = [(layer.running_mean.data().copy(), layer.running_var.data().copy()) for layer in layers]
     hooks = [layer.register_forward_pre_hook(_recorder(out, _axis(layer)))

@@ -55,3 +55,11 @@ def test_prediction_on_several_devices_needs_no_meeting():
     layer.initialize(ctx=DEVICES)
     y = layer(mx.nd.ones((2, 3), ctx=DEVICES[1]) * 2)
     assert abs(y.asnumpy() - 2 / (1 + 1e-5) ** 0.5).max() < 1e-5
+
+
+def test_update_bn_stats_refuses_layers_on_several_devices():
+    layer = distbn.SyncBatchNorm(3)
+    layer.initialize(ctx=DEVICES)
+    with pytest.raises(ValueError, match="update_bn_stats does not take layers whose parameters "
+                                         "live on several devices yet"):
+        distbn.update_bn_stats(layer, [mx.nd.ones((2, 3), ctx=DEVICES[0])])

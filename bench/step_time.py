@@ -34,7 +34,8 @@ from report import emit
 DEFAULT_BATCH = {"lenet": 256, "resnet18_v1": 64}
 
 
-def make(arch, bn, comm, batch, ctx):
+def make(arch, bn, comm, batch, ctx=None):
+    ctx = ctx or [mx.current_context()]
     mx.random.seed(0)
     net = build(arch, bn)
     net.initialize(mx.init.Xavier(), ctx=ctx)
@@ -53,7 +54,10 @@ def engine_seconds(comm):
 
 
 def run_steps(net, trainer, xs, ys, n):
-    """``n`` steps on the batches ``xs``/``ys`` (one per device), each waited for."""
+    """``n`` steps on the batch ``xs``/``ys`` (or lists of them, one per device), each waited
+    for."""
+    if not isinstance(xs, (list, tuple)):
+        xs, ys = [xs], [ys]
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     times = []
     for _ in range(n):

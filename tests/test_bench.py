@@ -77,6 +77,17 @@ def test_step_time_bench_two_workers(tmp_path):
         assert r["sync_vs_gluon"] == pytest.approx(r["sync_ms"] / r["gluon_ms"], rel=1e-2)
 
 
+def test_step_time_bench_two_devices(tmp_path):
+    """The book's multi-device loop on two CPU devices (docs/layer.md: the temporary-space
+    copies it needs)."""
+    out = tmp_path / "d.json"
+    python(["bench/step_time.py", "--devices", "2", "--arch", "lenet", "--rounds", "1",
+            "--steps", "2", "--warmup", "1", "--json", out], timeout=300,
+           env={"MXNET_CPU_TEMP_COPY": "256"})
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["devices_per_worker"] == 2 and row["gluon_ms"] > 0 and row["sync_ms"] > 0
+
+
 @needs_bfloat16
 @pytest.mark.multiproc
 def test_precision_bench_two_workers(tmp_path):

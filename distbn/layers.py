@@ -283,9 +283,11 @@ class SyncBatchNorm(BatchNorm):
     parameters' contexts when given), ``key`` (the collectives' name; default: the block's
     prefix) and ``process_set`` (a :class:`distbn.comm.Group`; default: all workers).
     Input (N, C, ...) of float32, float64, float16 (bfloat16 under MXNet's AMP); output of the
-    same shape and type. What runs: with one worker MXNet's BatchNorm operator; with several,
-    on the CPU distbn's C++ operators and the Gloo all-reduce (:mod:`distbn.engine`), on GPUs
-    MXNet's operators and the same all-reduce through host memory (never executed).
+    same shape and type. What runs: with one worker and one device MXNet's BatchNorm operator;
+    with several workers, on the CPU distbn's C++ operators and the Gloo all-reduce
+    (:mod:`distbn.engine`), on GPUs MXNet's operators and the same all-reduce through host
+    memory (never executed); with several devices per process, MXNet's operators and the
+    devices' exchange (docs/layer.md, "Several devices per process").
 
     The global batch is the union of the batches of all devices of all workers (or of
     ``process_set``). Several devices of one process (parameters initialized on
@@ -316,7 +318,7 @@ class SyncBatchNorm(BatchNorm):
         comm = get_comm()
         size = comm.group_size(self.process_set)
         devices = self._devices()
-        if self.num_devices is not None and self.num_devices != len(devices):
+        if self.num_devices is not None and devices and self.num_devices != len(devices):
             raise ValueError(f"{self.name}: num_devices={self.num_devices}, but the parameters "
                              f"live on {len(devices)} device(s) {list(map(str, devices))}: "
                              f"initialize on as many devices, or leave num_devices out")

@@ -221,7 +221,7 @@ def main():
             ok &= close(f"input grad on {c}", x.grad.asnumpy(), ref_dx[lo:hi][a:b], step, rtol)
         for pname in ("gamma", "beta"):  # summed over this worker's devices, then the workers
             g = sum(getattr(bn_net, pname).grad(c).asnumpy().reshape(-1) for c in devices)
-            gsum = comm.allreduce_sum(nd.array(g), name=f"test.{pname}.{step}").asnumpy()
+            gsum = comm.allreduce_sum(nd.array(g, dtype=g.dtype), name=f"test.{pname}.{step}").asnumpy()
             ok &= close(f"{pname} grad (summed)", gsum, ref_grads[pname], step, rtol)
         for pname, c in ((p, c) for p in ("running_mean", "running_var") for c in devices):
             ok &= close(f"{pname} on {c}", getattr(bn_net, pname).data(c).asnumpy().ravel(),

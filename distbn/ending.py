@@ -29,8 +29,8 @@ from typing import Callable, Optional
 # that is the bound for a worker whose signal came from elsewhere (kill PID, a scheduler).
 HOLD_SECONDS = 15.0
 
-_state = {"signal": None, "exiting": False, "caught": False}
-_on_signal: list = []  # what to record when the first signal comes, on the watcher thread
+_state = {"signal": None, "exiting": False, "caught": False,
+          "record": None}  # what to record when the first signal comes, on the watcher thread
 _recorded = threading.Event()
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -78,17 +78,18 @@ def _watch(read_end: int) -> None:
     signum = 0
     while signum not in _SIGNALS:  # a byte per handled signal, its number
         signum = os.read(read_end, 1)[0]
-    for record in list(_on_signal):
-        try:
-            record(signum)
-        except Exception as e:  # noqa: BLE001 - a failed record must not hide the stop
-            print(f"distbn: warning: could not record the stop: {e}", file=sys.stderr)
+    try:
+        if _state["record"]:
+            _state["record"](signum)
+    except Exception as e:  # noqa: BLE001 - a failed record must not hide the stop
+        print(f"distbn: warning: could not record the stop: {e}", file=sys.stderr)
     _recorded.set()
 
 
 def on_signal(record: Callable[[int], None]) -> None:
-    """Run ``record(signum)`` on the watcher thread when the first SIGTERM or SIGINT comes."""
-    _on_signal.append(record)
+    """Run ``record(signum)`` on the watcher thread when the first SIGTERM or SIGINT comes
+    (the newest one registered: the run in progress)."""
+    _state["record"] = record
 
 
 def wait_recorded(timeout: float = 5.0) -> None:
@@ -119,9 +120,7 @@ def exit(code: int) -> None:  # noqa: A001 - the trainer's one way out
     leaving()
     signum = _state["signal"]
     if signum is not None and under_launcher():
-        deadline = time.monotonic() + HOLD_SECONDS
-        while time.monotonic() < deadline:
-            time.sleep(0.1)
+        time.sleep(HOLD_SECONDS)  # a signal meanwhile resumes it (PEP 475); the kill ends it
     if signum is not None and code == 0:
         code = 128 + signum
     sys.exit(code)

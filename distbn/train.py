@@ -484,8 +484,7 @@ def main(argv=None) -> int:
              is_root=True, after=_LOST_GRACE_SECONDS)
     except ending.Stopped as e:
         fail(f"stopped by {e.name}; the last complete checkpoint is {_last_checkpoint(run_dir)} "
-             f"(--resume continues from it)", code=128 + e.signum, is_root=_is_root_before_init(),
-             stopped=True)
+             f"(--resume continues from it)", code=128 + e.signum, stopped=True)
     return 0
 
 

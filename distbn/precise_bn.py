@@ -8,7 +8,8 @@ This replaces them by statistics of the network as it is. Definition (docs/layer
     run every batch through the network in training mode, weights fixed; for each batch-norm
     layer and batch b take the count n_b, mean m_b and biased variance v_b of the layer's
     input over the batch the layer normalizes with in training (the global batch for a synced
-    layer, its group's with a process set, the worker's own for local BN); then
+    layer, its group's with a process set, the worker's own for local BN: each device's own
+    when a worker drives several); then
         running_mean = sum_b n_b m_b / sum_b n_b,   running_var = sum_b n_b v_b / sum_b n_b
     over every batch of every worker, a synced layer's global batch counted once.
 
@@ -47,7 +48,10 @@ def update_bn_stats(net, batches: Iterable, num_batches: Optional[int] = None) -
 
     Every worker calls it at the same point with its own ``batches``: input arrays, or
     tuples/lists whose first element is the input, on the network's context (a list costs
-    one collective fewer per batch than a generator). ``num_batches`` caps how many each
+    one collective fewer per batch than a generator). A network whose parameters live on D
+    devices takes batches of D parts, one per device in the parameters' order (each part an
+    input or such a tuple, e.g. ``split_and_load``'s list): a synced layer's batch is the union
+    of the parts of all devices and workers. ``num_batches`` caps how many each
     worker takes. Workers whose iterators hold different numbers of batches all stop at the
     smallest (a warning names it). Parameters, gradients and the
     network's hybridization are left as they were; the layers' own moving averages during the
@@ -58,14 +62,13 @@ def update_bn_stats(net, batches: Iterable, num_batches: Optional[int] = None) -
 
     comm = get_comm()
     layers = [layer for layer in bn_layers(net) if not uses_global_stats(layer)]
-    several = [layer.name for layer in layers if len(layer.running_mean.list_ctx()) > 1]
-    if several:  # its pass runs each batch on one device, whose exchange would wait for the rest
-        raise ValueError(f"update_bn_stats does not take layers whose parameters live on several "
-                         f"devices yet ({several[0]}); "
-                         f"re-estimate on a copy of the network on one device")
+    devices = _device_count(net)
     records = [[] for _ in layers]
     saved = [(layer.running_mean.data().copy(), layer.running_var.data().copy()) for layer in layers]
-    hooks = [layer.register_forward_pre_hook(_recorder(out, _axis(layer)))
+    # One device: distbn's kernels. Several: MXNet's operators, as the layer's own statistics
+    # there (distbn.layers: distbn's kernels share one CPU resource copy across the devices).
+    kernels = native.kernels() and devices == 1
+    hooks = [layer.register_forward_pre_hook(_recorder(out, _axis(layer), kernels))
              for layer, out in zip(layers, records)]
     used = 0
     try:
@@ -82,7 +85,8 @@ def update_bn_stats(net, batches: Iterable, num_batches: Optional[int] = None) -
                 elif batch is None:
                     raise ValueError(f"update_bn_stats: batches held {used} batches, fewer "
                                      f"than its len() said; the other workers are waiting")
-                net(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                for x in _inputs(batch, devices):  # the devices meet inside the sync layers
+                    net(x)
                 used += 1
         mx.nd.waitall()
     except BaseException:
@@ -97,8 +101,8 @@ def update_bn_stats(net, batches: Iterable, num_batches: Optional[int] = None) -
         log.warning("update_bn_stats: the workers held different numbers of batches; "
                     "each used the smallest, %d", used)
     groups = [_group(layer, comm) for layer in layers]
-    mine = [(g, np.stack([r.asnumpy() for r in rec]) if rec else None)
-            for g, rec in zip(groups, records)]
+    mine = [(g, _per_batch([r.asnumpy() for r in rec], devices, isinstance(layer, SyncBatchNorm))
+             if rec else None) for g, rec, layer in zip(groups, records, layers)]
     everyone = comm.allgather_object(mine)
     array = mx.np.array if is_np_array() else mx.nd.array  # the parameters' kind of array
     for i, layer in enumerate(layers):
@@ -108,6 +112,40 @@ def update_bn_stats(net, batches: Iterable, num_batches: Optional[int] = None) -
         layer.running_mean.set_data(array(mean, dtype=layer.running_mean.dtype))
         layer.running_var.set_data(array(var, dtype=layer.running_var.dtype))
     return used
+
+
+def _device_count(net) -> int:
+    """How many devices the network's parameters live on (each batch then has one part each)."""
+    counts = {len(p.list_ctx()) for p in net.collect_params().values() if p._data is not None}
+    if len(counts) > 1:
+        raise ValueError(f"update_bn_stats: the network's parameters live on different numbers "
+                         f"of devices ({sorted(counts)}); initialize them on the same devices")
+    return counts.pop() if counts else 1
+
+
+def _inputs(batch, devices: int) -> list:
+    """The network's inputs in one batch: ``[x]`` on one device; on D devices ``batch`` holds
+    one part per device, in the parameters' device order (as ``split_and_load`` gives them),
+    each an input or a tuple/list whose first element is the input."""
+    def first(item):
+        return item[0] if isinstance(item, (tuple, list)) else item
+    if devices == 1:
+        return [first(batch)]
+    if not isinstance(batch, (tuple, list)) or len(batch) != devices:
+        got = len(batch) if isinstance(batch, (tuple, list)) else type(batch).__name__
+        raise ValueError(f"update_bn_stats: the network lives on {devices} devices, so each batch "
+                         f"is a list of {devices} parts, one per device; got {got}")
+    return [first(item) for item in batch]
+
+
+def _per_batch(records: list, devices: int, synced: bool) -> np.ndarray:
+    """(batches, 1 + 2C) records of this worker from one record per batch and device, in
+    device order: a synced layer normalizes with its devices' union (their sum); any other
+    normalizes each device's part apart (a batch of its own)."""
+    rec = np.stack(records)
+    if devices == 1 or not synced:
+        return rec
+    return rec.reshape(-1, devices, rec.shape[1]).sum(axis=1)
 
 
 def population_stats(per_worker: list, name: str = "layer"):
@@ -153,10 +191,9 @@ def _axis(layer) -> int:
     return layer.axis if isinstance(layer, BatchNorm) else layer._kwargs["axis"]
 
 
-def _recorder(out: list, axis: int):
+def _recorder(out: list, axis: int, kernels: bool):
     """A forward pre-hook appending the packed statistics of the layer's input to ``out``."""
     import mxnet as mx
-    kernels = native.kernels()
 
     def hook(block, inputs):
         x = inputs[0]

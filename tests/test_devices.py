@@ -57,9 +57,11 @@ def test_prediction_on_several_devices_needs_no_meeting():
     assert abs(y.asnumpy() - 2 / (1 + 1e-5) ** 0.5).max() < 1e-5
 
 
-def test_update_bn_stats_refuses_layers_on_several_devices():
+def test_update_bn_stats_takes_one_part_per_device():
+    """A network on two devices re-estimates from batches of two parts (one per device): a
+    batch of one array is refused before anything runs, naming what it takes."""
     layer = distbn.SyncBatchNorm(3)
     layer.initialize(ctx=DEVICES)
-    with pytest.raises(ValueError, match="update_bn_stats does not take layers whose parameters "
-                                         "live on several devices yet"):
+    with pytest.raises(ValueError, match="the network lives on 2 devices, so each batch is a "
+                                         "list of 2 parts, one per device; got NDArray"):
         distbn.update_bn_stats(layer, [mx.nd.ones((2, 3), ctx=DEVICES[0])])

@@ -9,6 +9,9 @@ not their initial values), then re-estimates with its own batches: batch b of ra
 2 + (3r + b) % 5 examples, so batch sizes differ between workers and batches. ``--extra-rank``
 gives rank r r more batches than rank 0: all must stop at rank 0's count, whether the
 batches come as a generator (agreed batch by batch) or as a list (``--as-list``: counted).
+``--devices D``: each worker drives mx.cpu(0..D-1); device d of rank r is replica rD + d, whose
+batch b is the one rank rD + d holds at one device a worker (the truth groups replicas: all of
+them for sync, each alone for local and gluon).
 
 The truth, in one process on every worker: the same network in float64 with Gluon's BN,
 given the learned values; for every batch index and every group of workers whose batches a
@@ -36,9 +39,9 @@ C_IN, HW = 2, 8
 ARRAY = [mx.nd.array]  # mx.np.array in numpy mode (--numpy)
 
 
-def batch(rank, b):
-    rs = np.random.RandomState(1000 * rank + b)
-    return 2 + 1.5 * rs.randn(2 + (3 * rank + b) % 5, C_IN, HW, HW)
+def batch(replica, b):
+    rs = np.random.RandomState(1000 * replica + b)
+    return 2 + 1.5 * rs.randn(2 + (3 * replica + b) % 5, C_IN, HW, HW)
 
 
 def build(kind, comm, dtype="float32"):
@@ -57,16 +60,17 @@ def build(kind, comm, dtype="float32"):
     return net
 
 
-def groups(kind, size):
+def groups(kind, size, devices):
+    """The replicas (rank * devices + device) whose batches a layer of ``kind`` normalizes together."""
     if kind == "sync":
-        return [tuple(range(size))]
+        return [tuple(range(size * devices))]
     if kind == "group":
-        return [(r, r + 1) for r in range(0, size, 2)]
-    return [(r,) for r in range(size)]
+        return [tuple(range(r * devices, (r + 2) * devices)) for r in range(0, size, 2)]
+    return [(i,) for i in range(size * devices)]
 
 
-def truth(net, kind, size, batches):
-    """(means, vars) per BN layer of the definition, float64, over ``batches`` per worker."""
+def truth(net, kind, size, batches, devices=1):
+    """(means, vars) per BN layer of the definition, float64, over ``batches`` per replica."""
     ref = build("gluon", None)
     ref.initialize()
     ref.cast("float64")
@@ -78,7 +82,7 @@ def truth(net, kind, size, batches):
     hooks = [layer.register_forward_pre_hook(lambda blk, inp: seen.append(inp[0].asnumpy()))
              for layer in layers]
     for b in range(batches):
-        for members in groups(kind, size):
+        for members in groups(kind, size, devices):
             seen.clear()
             x = np.concatenate([batch(r, b) for r in members])
             with autograd.train_mode():
@@ -92,6 +96,11 @@ def truth(net, kind, size, batches):
     for h in hooks:
         h.detach()
     return [(s1 / s0, s2 / s0) for s0, s1, s2 in sums]
+
+
+def parts(replicas, ctxs, b):
+    """Batch ``b`` of this worker: one float32 array per device (replica)."""
+    return [ARRAY[0](batch(r, b), dtype="float32", ctx=c) for r, c in zip(replicas, ctxs)]
 
 
 def digest(arrays):
@@ -111,6 +120,7 @@ def main():
     ap.add_argument("--as-list", action="store_true", help="batches as a list (else a generator)")
     ap.add_argument("--control", choices=["none", "ema"], default="none")
     ap.add_argument("--numpy", action="store_true", help="MXNet's numpy mode, mx.np arrays")
+    ap.add_argument("--devices", type=int, default=1, help="CPU devices per worker")
     args = ap.parse_args()
     if args.numpy:
         mx.npx.set_np()
@@ -118,18 +128,18 @@ def main():
     expect = args.expect or args.layer
     comm = get_comm()
     mx.random.seed(0)
+    ctxs = [mx.cpu(d) for d in range(args.devices)]
+    replicas = [comm.rank * args.devices + d for d in range(args.devices)]
     net = build(args.layer, comm)
-    net.initialize(mx.init.Xavier())
+    net.initialize(mx.init.Xavier(), ctx=ctxs)
     if args.hybridize:
         net.hybridize(static_alloc=True)
     distbn.broadcast_parameters(net)
     trainer = comm.trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
     for b in (100, 101):
-        x = ARRAY[0](batch(comm.rank, b), dtype="float32")
         with autograd.record():
-            y = net(x)
-            loss = (y * y).sum()
-        loss.backward()
+            losses = [(y * y).sum() for y in (net(part) for part in parts(replicas, ctxs, b))]
+        autograd.backward(losses)
         trainer.step(1)  # the same scale on every worker (their batch sizes differ)
     learned = [p for p in net.collect_params().values() if p.grad_req != "null"]
     before = digest([p.data() for p in learned] + [p.grad() for p in learned])
@@ -138,16 +148,21 @@ def main():
     mine = args.batches + (comm.rank if args.extra_rank else 0)
     used = args.batches
     if args.control == "none":
-        batches = ((ARRAY[0](batch(comm.rank, b), dtype="float32"),) for b in range(mine))
+        # One device: (x,) per batch; several: one (x,) per device, as split_and_load's list.
+        batches = ([(x,) for x in parts(replicas, ctxs, b)] if args.devices > 1
+                   else (parts(replicas, ctxs, b)[0],) for b in range(mine))
         used = distbn.update_bn_stats(net, list(batches) if args.as_list else batches)
     else:
-        with autograd.record():  # what the moving averages make of the same batches
-            for b in range(args.batches):
-                net(ARRAY[0](batch(comm.rank, b), dtype="float32")).backward()
+        for b in range(args.batches):  # what the moving averages make of the same batches
+            with autograd.record():
+                ys = [net(part) for part in parts(replicas, ctxs, b)]
+            autograd.backward(ys)
     after = digest([p.data() for p in learned] + [p.grad() for p in learned])
     stats = [(layer.running_mean.data().asnumpy(), layer.running_var.data().asnumpy())
              for layer in bn]
-    want = truth(net, expect, comm.size, used)
+    copies = {digest([p.data(c) for layer in bn for p in (layer.running_mean, layer.running_var)])
+              for c in ctxs}
+    want = truth(net, expect, comm.size, used, args.devices)
     # The network (hybridized: its compiled graph) now predicts with these statistics.
     ref = build("gluon", None)
     ref.initialize()
@@ -159,15 +174,16 @@ def main():
                                    ref(ARRAY[0](x, dtype="float64")).asnumpy())))
     err = max(float(np.max(np.abs(got - ref)) / (1 + np.max(np.abs(ref))))
               for pair_got, pair_ref in zip(stats, want) for got, ref in zip(pair_got, pair_ref))
-    same = len(set(comm.allgather_object(digest([mx.nd.array(a) for s in stats for a in s])))) == 1
-    tag = (f"rank {comm.rank}/{comm.size} layer={args.layer}{' numpy' * args.numpy} expect={expect} control={args.control}"
+    same = (len(set(comm.allgather_object(digest([mx.nd.array(a) for s in stats for a in s])))) == 1
+            and len(copies) == 1)  # every worker, and every device of this one
+    tag = (f"rank {comm.rank}/{comm.size} devices={args.devices} layer={args.layer}{' numpy' * args.numpy} expect={expect} control={args.control}"
            f" hybridized={args.hybridize} used={used} err={err:.2e} identical={same}"
            f" prediction_err={pred_err:.1e}")
     problems = []
     if err > 1e-5:
         problems.append("statistics")
     if not same:
-        problems.append("workers differ")
+        problems.append("workers or devices differ")
     if pred_err > 1e-4:
         problems.append("prediction")
     if args.control == "none" and before != after:

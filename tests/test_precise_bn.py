@@ -70,8 +70,12 @@ def test_one_worker_with_two_devices_equals_the_definition(args):
 
 
 @multiproc
-@pytest.mark.parametrize("args", [["--hybridize"], ["--extra-rank"]], ids=["hybridized", "uneven-counts"])
+@pytest.mark.parametrize("args", [["--hybridize"], ["--extra-rank"], ["--batches", "40", "--as-list"]],
+                         ids=["hybridized", "uneven-counts", "40-batches-in-flight"])
 def test_two_workers_with_two_devices_equal_the_definition(args):
+    """40 batches pushed at once put many devices' rounds in flight, ready in a different order
+    on each worker: before the workers agreed on the order of their exchanges (distbn/csrc/
+    allreduce.cc), this case hung in 2 of 3 runs here."""
     _, out = horovodrun(2, [MP / "precise_bn.py", "--devices", "2", *args], env=DEVICES_ENV)
     ok(out, 2)
 

@@ -47,12 +47,21 @@
 // distbn.engine defines for that case): each device's statistics wait in a meeting of that
 // layer's round (its k-th call on each device meets the k-th on the others); the device that
 // arrives last sums them in device order, runs the one cross-process all-reduce above on that
-// sum, and every device copies the same result. Why not in this file's MXNet operator: MXNet
+// sum, and every device copies the same result. With several workers, a process may hold more than
+// one round that all its devices reached (a forward-only pass, as update_bn_stats runs, lets the
+// next batch's first layer meet while the last batch's deeper layers still wait; the graph lets
+// a BN layer on the raw input meet while the previous step's backward runs), and which is first
+// differs between workers: run as they came, two workers would each wait in a different round's
+// all-reduce for ever (seen at 2 workers x 2 devices). So the workers first agree on the round:
+// each offers the ids of its oldest ready rounds (one allgather of kOffers values), and all run
+// the first of rank 0's offers that every worker offered; with none in common, each waits up to
+// 1 ms for a new round and offers again. Why not in this file's MXNet operator: MXNet
 // gives every library operator a temporary-space and a parallel-random resource, and on the
 // CPU all devices share one copy of the latter (MXNET_CPU_PARALLEL_RAND_COPY=1), so a library
 // operator that waited for another CPU device's operator would wait for ever (seen here, at
 // any count of temporary-space copies). The meeting is therefore called from an asynchronous
 // operator that holds no resource, on a thread of its own (see distbn/engine.py).
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -68,6 +77,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include <gloo/allgather_ring.h>
 #include <gloo/allreduce_halving_doubling.h>
 #include <gloo/allreduce_ring.h>
 #include <gloo/common/error.h>
@@ -126,11 +136,15 @@ struct Plan {  // one all-reduce of a given length in a group, run as often as n
   std::unique_ptr<gloo::Algorithm> algorithm;
 };
 
+constexpr int kOffers = 64;  // ready rounds a worker offers at once (see the top of the file)
+
 struct Group {
   std::shared_ptr<Context> context;
   std::string broken;  // the error after which its connections were closed
   std::vector<int> ranks;                      // world ranks, by rank in the group
   std::map<int64_t, Plan> plans;               // by length
+  std::vector<double> offer, offers;           // (kOffers,), (kOffers * size,): round ids
+  std::unique_ptr<gloo::Algorithm> agree;      // the allgather of the offers
 };
 
 struct Engine {
@@ -182,11 +196,10 @@ std::string lost(Group& g, const std::string& what) {
   return who.empty() ? what : "lost the connection to rank " + who + " (" + what + ")";
 }
 
-// out = sum over the group `ranks` of each worker's `n` doubles at `data`; returns "" or an error.
-std::string allreduce(const double* data, double* out, int64_t n, const std::string& key,
-                      const std::string& ranks) {
-  Engine& e = engine();
-  std::lock_guard<std::mutex> lock(e.mu);
+// out = sum over the group `ranks` of each worker's `n` doubles at `data`; returns "" or an
+// error. The caller holds e.mu.
+std::string allreduce_locked(Engine& e, const double* data, double* out, int64_t n,
+                             const std::string& key, const std::string& ranks) {
   auto it = e.groups.find(ranks);
   if (it == e.groups.end() && ranks.empty() && !e.device) {  // one process: a sum over one worker
     if (out != data) std::memcpy(out, data, n * sizeof(double));
@@ -253,12 +266,58 @@ std::string allreduce(const double* data, double* out, int64_t n, const std::str
   return err;
 }
 
+std::string allreduce(const double* data, double* out, int64_t n, const std::string& key,
+                      const std::string& ranks) {
+  Engine& e = engine();
+  std::lock_guard<std::mutex> lock(e.mu);
+  return allreduce_locked(e, data, out, n, key, ranks);
+}
+
+// Every worker's offer (kOffers round ids, 0 = none) into g.offers, in group order; "" or an error.
+std::string gather_offers(Engine& e, Group& g) {
+  if (!g.broken.empty())
+    return "distbn all-reduce: the connections of this group were closed after an earlier "
+           "error (" + g.broken + ")";
+  try {
+    if (!g.agree) {
+      g.offers.resize(kOffers * g.ranks.size());
+      g.agree.reset(new gloo::AllgatherRing<double>(
+          g.context, std::vector<const double*>{g.offer.data()}, g.offers.data(), kOffers));
+    }
+    g.agree->run();
+    return "";
+  } catch (const std::exception& ex) {
+    const std::string err = "distbn all-reduce: " + lost(g, ex.what()) + " agreeing on the next "
+                            "exchange of several devices";
+    g.broken = err;
+    g.context->closeConnections();
+    return err;
+  }
+}
+
+// The first of rank 0's offers that every worker offered, or 0.
+double agreed(const Group& g) {
+  const size_t size = g.ranks.size();
+  for (int i = 0; i < kOffers && g.offers[i] != 0; ++i) {
+    bool everywhere = true;
+    for (size_t w = 1; w < size && everywhere; ++w) {
+      const double* begin = g.offers.data() + w * kOffers;
+      everywhere = std::find(begin, begin + kOffers, g.offers[i]) != begin + kOffers;
+    }
+    if (everywhere) return g.offers[i];
+  }
+  return 0;
+}
+
 // --- several devices of one process -------------------------------------------------------
 
 struct Round {  // one call of a layer's exchange on every device of this process
   std::vector<std::vector<double>> parts;  // by device
   int arrived = 0, left = 0;
   bool done = false;
+  std::string key;
+  double id = 0;            // (key, call number) hashed: the same on every worker, never 0
+  std::vector<double> sum;  // over the devices, once all arrived
   std::vector<double> result;
   std::string error;
 };
@@ -268,7 +327,16 @@ struct Meetings {
   std::condition_variable cv;
   std::map<std::string, std::vector<int64_t>> calls;         // key -> calls so far, by device
   std::map<std::pair<std::string, int64_t>, Round> rounds;  // (key, call number)
+  std::map<std::string, std::vector<Round*>> ready;         // by group: summed, in arrival order
 };
+
+double round_id(const std::string& key, int64_t call) {  // FNV-1a, 52 bits: exact in a double
+  uint64_t h = 14695981039346656037ull;
+  for (char c : key + "#" + std::to_string(call))
+    h = (h ^ static_cast<unsigned char>(c)) * 1099511628211ull;
+  h &= (1ull << 52) - 1;
+  return static_cast<double>(h ? h : 1);
+}
 
 Meetings& meetings() {
   static Meetings m;
@@ -280,6 +348,73 @@ std::string missing(const Round& r) {
   for (size_t d = 0; d < r.parts.size(); ++d)
     if (r.parts[d].empty()) who += (who.empty() ? "" : ", ") + std::to_string(d);
   return who;
+}
+
+// Runs this process's ready rounds of group `ranks`, in the order the workers agree on (see
+// the top of the file), until `mine` is done (by this thread or another).
+void serve(const std::string& ranks, Round& mine) {
+  Engine& e = engine();
+  Meetings& m = meetings();
+  std::unique_lock<std::mutex> elock(e.mu);
+  const auto finish = [&](Round& r, const std::string& err) {
+    std::lock_guard<std::mutex> lock(m.mu);
+    r.error = err;
+    r.done = true;
+    m.cv.notify_all();
+  };
+  auto it = e.groups.find(ranks);
+  if (it == e.groups.end()) {  // one worker (or no communicator: allreduce says so)
+    {
+      std::lock_guard<std::mutex> lock(m.mu);
+      auto& queue = m.ready[ranks];
+      queue.erase(std::find(queue.begin(), queue.end(), &mine));
+    }
+    finish(mine, allreduce_locked(e, mine.sum.data(), mine.result.data(),
+                                  static_cast<int64_t>(mine.sum.size()), mine.key, ranks));
+    return;
+  }
+  Group& g = it->second;
+  g.offer.resize(kOffers);
+  while (true) {
+    {
+      std::lock_guard<std::mutex> lock(m.mu);
+      if (mine.done) return;
+      const auto& queue = m.ready[ranks];
+      std::fill(g.offer.begin(), g.offer.end(), 0.0);
+      for (size_t i = 0; i < queue.size() && i < static_cast<size_t>(kOffers); ++i)
+        g.offer[i] = queue[i]->id;
+    }
+    std::string err = gather_offers(e, g);
+    if (!err.empty()) {  // every round waiting in this group fails with it
+      std::vector<Round*> waiting;
+      {
+        std::lock_guard<std::mutex> lock(m.mu);
+        waiting.swap(m.ready[ranks]);
+      }
+      for (Round* r : waiting) finish(*r, err);
+      return;
+    }
+    const double pick = agreed(g);
+    if (pick == 0) {  // nothing ready everywhere yet: let a new round arrive, then offer again
+      elock.unlock();
+      {
+        std::unique_lock<std::mutex> lock(m.mu);
+        m.cv.wait_for(lock, std::chrono::milliseconds(1));
+      }
+      elock.lock();
+      continue;
+    }
+    Round* r = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(m.mu);
+      auto& queue = m.ready[ranks];
+      auto at = std::find_if(queue.begin(), queue.end(), [&](Round* q) { return q->id == pick; });
+      r = *at;  // offered by this worker too, and only this thread takes rounds out meanwhile
+      queue.erase(at);
+    }
+    finish(*r, allreduce_locked(e, r->sum.data(), r->result.data(),
+                                static_cast<int64_t>(r->sum.size()), r->key, ranks));
+  }
 }
 
 // out = sum of `data` (n doubles) over the n_devices devices of this process and over the
@@ -297,24 +432,27 @@ std::string devices_allreduce(const double* data, double* out, int64_t n, const 
   r.parts.resize(n_devices);
   r.parts[device].assign(data, data + n);
   if (++r.arrived == n_devices) {
-    std::vector<double> sum(n, 0.0);
+    r.sum.assign(n, 0.0);
     for (const auto& part : r.parts) {  // device order: every device gets the same bits
       if (static_cast<int64_t>(part.size()) != n) {
         r.error = "distbn all-reduce: " + key + ": the devices of this process hold statistics "
                   "of different lengths";
         break;
       }
-      for (int64_t i = 0; i < n; ++i) sum[i] += part[i];
+      for (int64_t i = 0; i < n; ++i) r.sum[i] += part[i];
     }
     if (r.error.empty()) {
+      r.key = key;
+      r.id = round_id(key, id.second);
       r.result.resize(n);
+      m.ready[ranks].push_back(&r);
       lock.unlock();  // the cross-process exchange may wait for other workers
-      const std::string err = allreduce(sum.data(), r.result.data(), n, key, ranks);
+      serve(ranks, r);
       lock.lock();
-      r.error = err;
+    } else {
+      r.done = true;
+      m.cv.notify_all();
     }
-    r.done = true;
-    m.cv.notify_all();
   } else {
     const auto all_here = [&] { return r.arrived == n_devices || !r.error.empty(); };
     if (!m.cv.wait_for(lock, std::chrono::duration<double>(timeout_s), all_here)) {

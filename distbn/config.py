@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     stall_timeout: float = 300.0  # seconds without a finished step before a worker gives up; 0: off
     precision: str = "float32"  # or bfloat16 (CPU), float16 (GPU): AMP (distbn.precision)
+    devices_per_worker: int = 1  # devices each process drives (GPUs; on the CPU mx.cpu(i))
     # Examples (over all workers) from which BN statistics are re-estimated before each
     # evaluation (distbn.update_bn_stats); 0: evaluate with the running averages only.
     precise_bn: int = PRECISE_BN_DEFAULT
@@ -116,6 +117,7 @@ def _validate(cfg: Config) -> Config:
         (cfg.model.bn_group >= 0, "model.bn_group", "must be 0 (all workers) or a group size"),
         (cfg.train.epochs >= 1, "train.epochs", "must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1"),
+        (cfg.train.devices_per_worker >= 1, "train.devices_per_worker", "must be at least 1"),
         (cfg.train.lr > 0 and cfg.train.lr == cfg.train.lr and cfg.train.lr != float("inf"),
          "train.lr", "must be a positive finite number"),
         (0 <= cfg.train.momentum < 1, "train.momentum", "must be in [0, 1)"),

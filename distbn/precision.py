@@ -58,8 +58,9 @@ def prepare_trainer(precision: str, trainer) -> None:
 
 @contextmanager
 def scaled(precision: str, loss, trainer):
-    """Yields what to call ``backward()`` on: ``loss``, scaled for float16 (the trainer's step
-    unscales the gradients and skips a step whose gradients overflowed)."""
+    """Yields what to run backward from: ``loss`` (an array, or a list of one per device),
+    scaled for float16 (the trainer's step unscales the gradients and skips a step whose
+    gradients overflowed)."""
     if precision != "float16":
         yield loss
         return

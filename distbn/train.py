@@ -86,7 +86,7 @@ def parse_args(argv=None):
 
 # Keys that may change between a run and its resumption.
 _RESUMABLE_CHANGES = {"train.epochs", "train.lr", "train.stall_timeout", "train.precision",
-                      "train.precise_bn",
+                      "train.precise_bn", "train.devices_per_worker",
                       "log.every_steps", "log.histograms", "log.progress"}
 
 
@@ -140,15 +140,38 @@ def load_data(cfg: Config) -> Data:
     return Data(train_x, train_y, test_x, test_y)
 
 
-def device(comm):
-    """GPU ``local_rank`` when there are GPUs (one MXNet's CUDA wheel can run: distbn.gpu),
-    else the CPU."""
+# Several CPU devices in one process draw temporary space from MXNet's one shared pool, which
+# must hold more copies than one device's training graph draws (else a device's exchange can
+# wait for a copy another device's queued operators hold: docs/layer.md, several devices; the
+# book's LeNet needs 256, MXNet's default is 4). MXNet reads it when its first operator runs.
+CPU_TEMP_COPIES = "256"
+
+
+def prepare_devices(cfg: Config) -> None:
+    """What several devices a worker need before MXNet starts (a value already set is kept)."""
+    if cfg.train.devices_per_worker > 1:
+        os.environ.setdefault("MXNET_CPU_TEMP_COPY", CPU_TEMP_COPIES)
+
+
+def devices(comm, per_worker: int) -> list:
+    """This worker's devices: on a machine with GPUs (ones MXNet's CUDA wheel can run:
+    distbn.gpu) GPU ``local_rank`` for one device a worker, else GPUs
+    ``local_rank * per_worker`` onwards; without GPUs ``mx.cpu(0)`` .. ``mx.cpu(per_worker - 1)``."""
     import mxnet as mx
     from . import gpu
     n = mx.context.num_gpus()
-    ctx = mx.gpu(comm.local_rank % n) if n > 0 else mx.cpu()
-    gpu.check(ctx)
-    return ctx
+    if n == 0:
+        return [mx.cpu(i) for i in range(per_worker)]
+    if per_worker == 1:
+        ctxs = [mx.gpu(comm.local_rank % n)]
+    elif per_worker * comm.local_size > n:
+        raise ConfigError(f"train.devices_per_worker {per_worker} with {comm.local_size} worker(s) "
+                          f"on this node needs {per_worker * comm.local_size} GPUs; it has {n}")
+    else:
+        ctxs = [mx.gpu(comm.local_rank * per_worker + i) for i in range(per_worker)]
+    for ctx in ctxs:
+        gpu.check(ctx)
+    return ctxs
 
 
 def bn_group(cfg: Config, comm):
@@ -163,27 +186,44 @@ def bn_group(cfg: Config, comm):
     return groups[comm.rank // k]
 
 
-def build_model(cfg: Config, ctx, process_set=None):
-    """The configured network, initialized (every shape known, so rank 0's values can be
-    broadcast) and hybridized when asked; sync layers sync over ``process_set``."""
+def build_model(cfg: Config, ctxs: list, process_set=None):
+    """The configured network, initialized on ``ctxs`` (every shape known, so rank 0's values
+    can be broadcast) and hybridized when asked; sync layers sync over ``process_set`` and
+    over the devices."""
     import mxnet as mx
     from .models import build, finish_shapes
 
     mx.random.seed(cfg.train.seed)  # identical everywhere; rank 0's values are broadcast anyway
     net = build(cfg.model.arch, cfg.model.bn, process_set)
-    net.initialize(mx.init.Xavier(), ctx=ctx)
+    net.initialize(mx.init.Xavier(), ctx=ctxs)
     if cfg.model.hybridize:
-        net.hybridize(static_alloc=True)
+        net.hybridize(static_alloc=True)  # not static_shape: several CPU devices hung with it
     try:
-        finish_shapes(net, mx.nd.zeros((1, 1, 28, 28), ctx=ctx))
+        finish_shapes(net, mx.nd.zeros((1, 1, 28, 28), ctx=ctxs[0]))
     except (mx.base.MXNetError, ValueError) as e:
         raise ConfigError(f"model.arch {cfg.model.arch} does not take 1x28x28 input: "
                           f"{str(e).splitlines()[0]}") from None
     return net
 
 
-def train_epoch(epoch, cfg, comm, net, trainer, data, ctx, log, global_step, watchdog):
-    """One pass over this worker's shard. Returns (loss_sum, correct, count, global_step).
+def replica_shards(n: int, comm, ctxs: list, epoch: int, seed: int) -> list:
+    """This worker's shard of the epoch per device: the data is dealt to the workers x devices
+    replicas, device d of rank r being replica r * D + d, so a global batch holds the same
+    examples for any split into workers and devices of the same product (1 x 2 and 2 x 1)."""
+    from .data import shard_indices
+    d = len(ctxs)
+    return [shard_indices(n, comm.rank * d + i, comm.size * d, epoch, seed) for i in range(d)]
+
+
+def device_batches(data_x, data_y, shards: list, batch: int, ctxs: list):
+    """Per step, one ``(X, y)`` per device from its shard (every shard has the same length)."""
+    from .data import iterate_batches
+    return zip(*[iterate_batches(data_x, data_y, idx, batch, ctx) for idx, ctx in zip(shards, ctxs)])
+
+
+def train_epoch(epoch, cfg, comm, net, trainer, data, ctxs, log, global_step, watchdog):
+    """One pass over this worker's shard, split over its devices. Returns (loss_sum, correct,
+    count, global_step).
 
     Every ``log.every_steps`` steps the global loss is all-reduced (the same value on every
     worker, so all stop together on a non-finite one).
@@ -191,31 +231,33 @@ def train_epoch(epoch, cfg, comm, net, trainer, data, ctx, log, global_step, wat
     import mxnet as mx
     from mxnet import autograd
     from . import precision
-    from .data import iterate_batches, num_batches, shard_indices
+    from .data import num_batches
 
     loss_fn = mx.gluon.loss.SoftmaxCrossEntropyLoss()
-    local_batch = cfg.train.batch_size // comm.size
-    idx = shard_indices(len(data.train_x), comm.rank, comm.size, epoch, cfg.train.seed)
-    bar = log.progress(num_batches(len(idx), local_batch), f"epoch {epoch}/{cfg.train.epochs}")
-    loss_sum = mx.nd.zeros(1, ctx=ctx)
-    correct = mx.nd.zeros(1, ctx=ctx)
+    per_device = cfg.train.batch_size // (comm.size * len(ctxs))
+    shards = replica_shards(len(data.train_x), comm, ctxs, epoch, cfg.train.seed)
+    bar = log.progress(num_batches(len(shards[0]), per_device), f"epoch {epoch}/{cfg.train.epochs}")
+    loss_sum = mx.nd.zeros(1, ctx=ctxs[0])
+    correct = mx.nd.zeros(1, ctx=ctxs[0])
     skip = _injected_skip(comm.rank)
-    for X, y in iterate_batches(data.train_x, data.train_y, idx, local_batch, ctx):
+    for batches in device_batches(data.train_x, data.train_y, shards, per_device, ctxs):
         if global_step + 1 == skip:  # fault injection (tests only): this worker drops a batch
             skip = None
             continue
-        with autograd.record():
-            out = net(X)
-            loss = loss_fn(out, y)
-            with precision.scaled(cfg.train.precision, loss, trainer) as scaled_loss:
-                scaled_loss.backward()
-        trainer.step(X.shape[0])  # gradients: mean over workers, then / local batch = / global
-        loss_sum += loss.sum()
-        correct += (out.argmax(axis=1) == y).sum()
+        with autograd.record():  # a forward per device; their sync layers meet in the exchange
+            outs = [net(X) for X, _ in batches]
+            losses = [loss_fn(out, y) for out, (_, y) in zip(outs, batches)]
+            with precision.scaled(cfg.train.precision, losses, trainer) as scaled_losses:
+                autograd.backward(scaled_losses)
+        examples = sum(X.shape[0] for X, _ in batches)
+        trainer.step(examples)  # gradients: summed over devices, mean over workers, / local batch
+        step_loss_sum = on_first(ctxs, [loss.sum() for loss in losses])
+        loss_sum += step_loss_sum
+        correct += on_first(ctxs, [(out.argmax(axis=1) == y).sum() for out, (_, y) in zip(outs, batches)])
         global_step += 1
         bar.update()
         if global_step % cfg.log.every_steps == 0:  # waits for this step: only every N steps
-            total, count = global_sums(comm, "distbn.step.loss", loss.sum(), X.shape[0])
+            total, count = global_sums(comm, "distbn.step.loss", step_loss_sum, examples)
             step_loss = total / count
             if not math.isfinite(step_loss):
                 raise FloatingPointError(
@@ -225,7 +267,7 @@ def train_epoch(epoch, cfg, comm, net, trainer, data, ctx, log, global_step, wat
             bar.set_postfix_str(f"loss {step_loss:.4f}")
         watchdog.beat(f"epoch {epoch} step {global_step}")
     bar.close()
-    return loss_sum, correct, len(idx), global_step
+    return loss_sum, correct, sum(len(idx) for idx in shards), global_step
 
 
 def _injected_skip(rank: int) -> Optional[int]:
@@ -237,38 +279,48 @@ def _injected_skip(rank: int) -> Optional[int]:
     return None
 
 
-def test_accuracy(cfg, comm, net, data, ctx, tag: str) -> float:
-    correct, count = evaluate(cfg, comm, net, data, ctx)
+def on_first(ctxs: list, values: list):
+    """The sum of per-device arrays, on the first device."""
+    return sum(v.as_in_context(ctxs[0]) for v in values)
+
+
+def test_accuracy(cfg, comm, net, data, ctxs, tag: str) -> float:
+    correct, count = evaluate(cfg, comm, net, data, ctxs)
     correct, count = global_sums(comm, f"distbn.metrics.test.{tag}", correct, count)
     return correct / count
 
 
-def evaluate(cfg, comm, net, data, ctx):
-    """Accuracy on the whole test set, each example on exactly one worker."""
+def evaluate(cfg, comm, net, data, ctxs):
+    """Accuracy on the whole test set, each example on exactly one device of one worker
+    (prediction needs no meeting of the devices, so each runs its shard apart)."""
     import mxnet as mx
     from .data import eval_indices, iterate_batches
 
-    idx = eval_indices(len(data.test_x), comm.rank, comm.size)
-    correct = mx.nd.zeros(1, ctx=ctx)
-    for X, y in iterate_batches(data.test_x, data.test_y, idx, 1000, ctx):
-        correct += (net(X).argmax(axis=1) == y).sum()
-    return correct, len(idx)
+    replicas = comm.size * len(ctxs)
+    correct, count = mx.nd.zeros(1, ctx=ctxs[0]), 0
+    for i, ctx in enumerate(ctxs):
+        idx = eval_indices(len(data.test_x), comm.rank * len(ctxs) + i, replicas)
+        for X, y in iterate_batches(data.test_x, data.test_y, idx, 1000, ctx):
+            correct += on_first(ctxs, [(net(X).argmax(axis=1) == y).sum()])
+        count += len(idx)
+    return correct, count
 
 
-def reestimate(cfg, comm, net, data, ctx, epoch) -> float:
+def reestimate(cfg, comm, net, data, ctxs, epoch) -> float:
     """Population statistics for evaluation (distbn.update_bn_stats) from ``train.precise_bn``
-    examples over all workers: the first of each worker's shard of this epoch, in training
-    batches. Every worker's shard has the same length, so all run the same batch count.
+    examples over all workers: the first of each device's shard of this epoch, in training
+    batches. Every shard has the same length, so all run the same batch count.
     Returns the seconds it took."""
-    from .data import iterate_batches, shard_indices
     from .precise_bn import update_bn_stats
 
     t0 = time.perf_counter()
-    per_worker = max(1, cfg.train.precise_bn // comm.size)
-    idx = shard_indices(len(data.train_x), comm.rank, comm.size, epoch, cfg.train.seed)[:per_worker]
-    batches = list(iterate_batches(data.train_x, data.train_y, idx,  # a list: counted at once
-                                   cfg.train.batch_size // comm.size, ctx))
-    update_bn_stats(net, batches)
+    replicas = comm.size * len(ctxs)
+    per_replica = max(1, cfg.train.precise_bn // replicas)
+    shards = [idx[:per_replica] for idx in
+              replica_shards(len(data.train_x), comm, ctxs, epoch, cfg.train.seed)]
+    batches = list(device_batches(data.train_x, data.train_y, shards,  # a list: counted at once
+                                  cfg.train.batch_size // replicas, ctxs))
+    update_bn_stats(net, batches if len(ctxs) > 1 else [parts[0] for parts in batches])
     return time.perf_counter() - t0
 
 
@@ -281,20 +333,25 @@ def global_sums(comm, name, *values):
 
 
 def replica_deviation(comm, params, tag: str) -> float:
-    """Largest |value - rank 0's value| over the given parameters and all workers."""
+    """Largest |value - the value on rank 0's first device| over the given parameters and
+    every device of every worker."""
     import mxnet as mx
     if not params:
         return 0.0
-    vec = mx.nd.concat(*[p.data().reshape(-1).as_in_context(mx.cpu()) for p in params], dim=0)
-    root = comm.broadcast(vec, name=f"distbn.replica.{tag}")
-    local = mx.nd.max(mx.nd.abs(vec - root)).reshape(1)
+    # asnumpy: a device's array may sit in oneDNN's layout, which a copy of a view cannot read
+    vecs = [np.concatenate([p.data(ctx).asnumpy().ravel() for p in params])
+            for ctx in params[0].list_ctx()]
+    root = comm.broadcast(mx.nd.array(vecs[0], dtype=vecs[0].dtype), name=f"distbn.replica.{tag}")
+    root = root.asnumpy()
+    local = mx.nd.array([max(float(np.max(np.abs(v - root))) for v in vecs)], dtype="float64")
     return float(comm.allreduce_max(local, name=f"distbn.replica.{tag}.max").asscalar())
 
 
 def non_finite_parameters(net) -> list:
-    """Names of parameters (moving statistics included) holding NaN or inf on this worker."""
+    """Names of parameters (moving statistics included) holding NaN or inf on a device of
+    this worker."""
     return [name for name, p in net.collect_params().items()
-            if not np.isfinite(p.data().asnumpy()).all()]
+            if not all(np.isfinite(d.asnumpy()).all() for d in p.list_data())]
 
 
 def resume_point(comm, run_dir: Path, net, trainer, log, lr: float):
@@ -338,7 +395,7 @@ def check(cfg: Config, run_dir: Path) -> None:
         gpu.check(mx.gpu(i))
     precision.check(cfg.train.precision, mx.gpu(0) if mx.context.num_gpus() else mx.cpu())
     load_data(cfg)
-    prepare_dir(run_dir, checkpoint_bytes(cfg, build_model(cfg, mx.cpu())))
+    prepare_dir(run_dir, checkpoint_bytes(cfg, build_model(cfg, [mx.cpu()])))
 
 
 def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
@@ -351,17 +408,19 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     comm = get_comm()
     watchdog = Watchdog(cfg.train.stall_timeout if comm.size > 1 else 0,
                         lambda: f"rank {comm.rank} (last collective {comm.last_collective})")
-    if cfg.train.batch_size % comm.size:
+    replicas = comm.size * cfg.train.devices_per_worker
+    if cfg.train.batch_size % replicas:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by the "
-                          f"{comm.size} workers")
-    ctx = device(comm)
-    precision.check(cfg.train.precision, ctx)  # the cheap checks first
+                          f"{comm.size} worker(s) x {cfg.train.devices_per_worker} device(s)")
+    ctxs = devices(comm, cfg.train.devices_per_worker)
+    precision.check(cfg.train.precision, ctxs[0])  # the cheap checks first
     data = load_data(cfg)  # before any file is written: missing data leaves nothing behind
-    if len(data.train_x) < comm.size:
-        raise ConfigError(f"data.limit {len(data.train_x)} gives fewer examples than workers")
+    if len(data.train_x) < replicas:
+        raise ConfigError(f"data.limit {len(data.train_x)} gives fewer examples than workers "
+                          f"x devices ({replicas})")
     precision.start(cfg.train.precision)  # AMP changes the operators the network is built from
     np.random.seed(cfg.train.seed + comm.rank)
-    net = build_model(cfg, ctx, bn_group(cfg, comm))
+    net = build_model(cfg, ctxs, bn_group(cfg, comm))
     # Rank 0 makes and checks the run directory before the first collective: if it cannot,
     # it stops, and the others stop with it at that collective.
     log = open_run_log(comm.rank == 0, run_dir, dump_config(cfg), cfg.to_dict(),
@@ -376,7 +435,7 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
     trainer = comm.trainer(net.collect_params(), "sgd", opt)
     precision.prepare_trainer(cfg.train.precision, trainer)
     try:
-        return _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog)
+        return _train(cfg, comm, run_dir, resume, data, ctxs, net, trainer, log, watchdog)
     except StorageError:
         log.abandon()
         raise
@@ -386,7 +445,7 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
         raise
 
 
-def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -> dict:
+def _train(cfg, comm, run_dir, resume, data, ctxs, net, trainer, log, watchdog) -> dict:
     from . import precision
     from .comm import broadcast_parameters
     from .convert import bn_layers
@@ -394,29 +453,32 @@ def _train(cfg, comm, run_dir, resume, data, ctx, net, trainer, log, watchdog) -
     start, global_step = resume_point(comm, run_dir, net, trainer, log, cfg.train.lr) if resume else (1, 0)
     broadcast_parameters(net, prefix="distbn.resume")
     via = " over Gloo" if comm.engine else ""
-    log.info(f"{cfg.name}: {cfg.model.arch}, {comm.size} worker(s) on {ctx}, bn={cfg.model.bn}"
+    log.info(f"{cfg.name}: {cfg.model.arch}, {comm.size} worker(s) on {', '.join(map(str, ctxs))}"
+             f"{' each' if comm.size > 1 else ''}, bn={cfg.model.bn}"
              f"{via if cfg.model.bn == 'sync' else ''}"
              f"{f' in groups of {cfg.model.bn_group}' if cfg.model.bn == 'sync' and cfg.model.bn_group else ''}"
              f", {cfg.train.precision}, global batch "
-             f"{cfg.train.batch_size} ({cfg.train.batch_size // comm.size} per worker), "
+             f"{cfg.train.batch_size} ({cfg.train.batch_size // comm.size} per worker"
+             f"{f', {cfg.train.batch_size // (comm.size * len(ctxs))} per device' if len(ctxs) > 1 else ''}), "
              f"{len(data.train_x)} training examples, run dir {run_dir}")
     last = None
     for epoch in range(start, cfg.train.epochs + 1):
         t0 = time.perf_counter()
         loss_sum, correct, count, global_step = train_epoch(
-            epoch, cfg, comm, net, trainer, data, ctx, log, global_step, watchdog)
+            epoch, cfg, comm, net, trainer, data, ctxs, log, global_step, watchdog)
         loss_sum, correct, count = global_sums(comm, "distbn.metrics.train", loss_sum, correct, count)
         seconds = time.perf_counter() - t0
-        test_acc_ema = test_acc = test_accuracy(cfg, comm, net, data, ctx, "ema")
+        test_acc_ema = test_acc = test_accuracy(cfg, comm, net, data, ctxs, "ema")
         precise_seconds = 0.0
         if cfg.train.precise_bn and bn_layers(net):
             watchdog.beat(f"epoch {epoch} BN statistics")
-            precise_seconds = reestimate(cfg, comm, net, data, ctx, epoch)
-            test_acc = test_accuracy(cfg, comm, net, data, ctx, "precise")
+            precise_seconds = reestimate(cfg, comm, net, data, ctxs, epoch)
+            test_acc = test_accuracy(cfg, comm, net, data, ctxs, "precise")
         last = {"epoch": epoch, "train_loss": loss_sum / count, "train_acc": correct / count,
                 "test_acc": test_acc, "test_acc_ema": test_acc_ema,
                 "precise_bn_seconds": precise_seconds, "epoch_seconds": seconds,
                 "examples_per_second": count / seconds, "workers": comm.size,
+                "devices_per_worker": len(ctxs),
                 "global_step": global_step, "bn": cfg.model.bn,
                 "precision": cfg.train.precision}
         scale = precision.loss_scale(cfg.train.precision, trainer)
@@ -453,6 +515,7 @@ def main(argv=None) -> int:
         cfg, run_dir = resolve_config(args)
     except ConfigError as e:
         fail(str(e), shared=True)
+    prepare_devices(cfg)
     from .data import DataError
     from .gpu import UnsupportedGPU
     from .storage import StorageError

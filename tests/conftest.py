@@ -7,7 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from distbn import hardware
+# Several CPU devices in this process (test_devices.py) need more of MXNet's shared temporary
+# space than its default 4 copies (docs/layer.md, several devices). MXNet sizes the pool when an
+# operator first asks for it, so the variable is set for that first operator only: the
+# processes the tests start see the environment as it was (they set their own, or prove that
+# the trainer does).
+_TEMP_COPIES = os.environ.get("MXNET_CPU_TEMP_COPY")
+os.environ["MXNET_CPU_TEMP_COPY"] = "256"
+import mxnet as _mx  # noqa: E402
+_mx.nd.ones((2, 2)).sum().wait_to_read()  # a reduction: it takes temporary space
+if _TEMP_COPIES is None:
+    del os.environ["MXNET_CPU_TEMP_COPY"]
+else:
+    os.environ["MXNET_CPU_TEMP_COPY"] = _TEMP_COPIES
+
+from distbn import hardware  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MP = ROOT / "tests" / "mp"

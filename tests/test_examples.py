@@ -82,6 +82,13 @@ def test_broadcast_parameters_after_a_hybridized_prediction_pass(bn):
 
 
 @pytest.mark.multiproc
+def test_broadcast_parameters_sets_every_device_of_every_worker():
+    """2 workers x 2 devices, all four copies different before: all equal rank 0's first after."""
+    _, out = horovodrun(2, [MP / "broadcast.py", "--bn", "sync", "--devices", "2"], timeout=180)
+    assert out.count("distinct copies before: 4, after: 1: OK") == 2, out
+
+
+@pytest.mark.multiproc
 def test_horovods_own_broadcast_fails_there():
     """The control: the same sequence with hvd.broadcast per parameter (as Horovod's
     broadcast_parameters does) meets oneDNN's layout."""

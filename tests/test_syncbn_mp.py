@@ -245,6 +245,28 @@ def test_two_workers_of_two_devices_negative_controls(control):
     assert code != 0 and "MISMATCH" in out and ": OK" not in out, out
 
 
+# GluonCV's recipe for sync BN: a segmentation network (FCN-like: dilated stage, FCN head,
+# bilinear upsampling, per-pixel loss) built with norm_layer/norm_kwargs, against Gluon's BN in
+# float64 on the whole batch; it needs more temporary-space copies than the small nets above.
+SEGMENTATION_ENV = {"MXNET_CPU_TEMP_COPY": "256", "DISTBN_DEVICE_TIMEOUT": "60"}
+
+
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_gluoncv_style_segmentation_at_two_workers_of_two_devices_equals_float64(hybridize):
+    _, out = horovodrun(2, [MP / "segmentation_equivalence.py", "--devices", 2, "--sizes", "3,1,2,2",
+                            *(["--hybridize"] if hybridize else [])],
+                        timeout=300, env=SEGMENTATION_ENV)
+    assert out.count(": OK") == 2 and "MISMATCH" not in out, out
+
+
+def test_gluoncv_style_segmentation_with_per_device_bn_fails_the_same_check():
+    code, out = horovodrun(2, [MP / "segmentation_equivalence.py", "--devices", 2, "--sizes",
+                               "3,1,2,2", "--layer", "local"], timeout=300, env=SEGMENTATION_ENV,
+                           check=False)
+    assert code != 0 and out.count("MISMATCH input gradient, output, parameter gradient, "
+                                   "running statistics") == 2 and ": OK" not in out, out
+
+
 def test_too_few_cpu_temp_copies_stop_with_one_message_instead_of_hanging():
     code, out = python([MP / "syncbn_equivalence.py", "--devices", 2, "--sizes", "1,5"],
                        timeout=120, env={"MXNET_CPU_TEMP_COPY": "4", "DISTBN_DEVICE_TIMEOUT": "5"},

@@ -142,9 +142,10 @@ def load_data(cfg: Config) -> Data:
 
 # Several CPU devices in one process draw temporary space from MXNet's one shared pool, which
 # must hold more copies than one device's training graph draws (else a device's exchange can
-# wait for a copy another device's queued operators hold: docs/layer.md, several devices; the
-# book's LeNet needs 256, MXNet's default is 4). MXNet reads it when its first operator runs.
-CPU_TEMP_COPIES = "256"
+# wait for a copy another device's queued operators hold: docs/layer.md, several devices: the
+# book's LeNet needed 256 here, a model-zoo ResNet-18 more than 256; MXNet's default is 4).
+# MXNet reads it when its first operator runs.
+CPU_TEMP_COPIES = "1024"
 
 
 def prepare_devices(cfg: Config) -> None:

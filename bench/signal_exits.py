@@ -6,7 +6,7 @@ sends the signal to the launcher, and records the launcher's exit status, the se
 what the run's summary.json says. Counted apart: exit statuses other than the launcher's
 documented one, 0 above all (horovodrun: 1; launch/local.sh: 128 + the signal; make train:
 killed by it; one process: 128 + the signal), and runs whose summary.json does not say
-"stopped". ``--load N`` keeps N busy processes running meanwhile (the test suite loads both
+"stopped", and jobs not ended 120 s after the signal (hung: killed, counted as wrong). ``--load N`` keeps N busy processes running meanwhile (the test suite loads both
 cores like this).
 
     python bench/signal_exits.py --repeats 30 --load 2 --launcher horovodrun
@@ -75,7 +75,10 @@ def once(launcher: str, sig: int, folder: Path) -> dict:
             os.killpg(proc.pid, sig)  # Ctrl-C: a terminal signals the whole foreground group
         else:
             proc.send_signal(sig)  # kill PID: the launcher alone
-        out, _ = proc.communicate(timeout=120)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # a hung job: counted, and killed below
+            out = None
         seconds = time.time() - t
     finally:
         if proc.poll() is None:
@@ -83,9 +86,9 @@ def once(launcher: str, sig: int, folder: Path) -> dict:
             proc.communicate()
     summary = run_dir / "summary.json"
     status = json.loads(summary.read_text()).get("status") if summary.exists() else None
-    code = proc.returncode
+    code = proc.returncode if out is not None else None
     return {"launcher": launcher, "signal": signal.Signals(sig).name, "exit": code,
-            "seconds": round(seconds, 1), "summary": status,
+            "seconds": round(seconds, 1), "summary": status, "hung": out is None,
             "wrong_status": code != expected(launcher, sig), "no_record": status != "stopped"}
 
 
@@ -116,14 +119,15 @@ def main():
                     emit([row])
                     rows.append(row)
                     key = f"{launcher} {name}"
-                    counts.setdefault(key, [0, 0, 0])
+                    counts.setdefault(key, [0, 0, 0, 0])
                     counts[key][0] += 1
                     counts[key][1] += row["wrong_status"]
                     counts[key][2] += row["no_record"]
+                    counts[key][3] += row["hung"]
     finally:
         stop.set()
-    totals = [{"launcher_signal": k, "runs": n, "wrong_exit_statuses": w, "without_record": r}
-              for k, (n, w, r) in counts.items()]
+    totals = [{"launcher_signal": k, "runs": n, "wrong_exit_statuses": w, "without_record": r,
+               "hung": h} for k, (n, w, r, h) in counts.items()]
     emit(totals, a.json, load=a.load)
 
 

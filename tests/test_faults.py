@@ -153,6 +153,19 @@ def test_sigterm_to_the_launch_script_exits_143(tmp_path):
     wait_for(lambda: not worker_pids(run_dir), 30, "no worker left")
 
 
+def test_ctrl_c_to_the_launch_scripts_group_exits_130(tmp_path):
+    """Ctrl-C at a terminal signals the whole foreground group (make, the script, and before,
+    horovodrun too). horovodrun runs in a group of its own and gets the signal once, through
+    the script's trap (launch/job.sh: a second one could hang it); the job still stops."""
+    run_dir = tmp_path / "run"
+    code, seconds, out = run_and_interrupt(2, run_dir, lambda proc: os.killpg(proc.pid, signal.SIGINT),
+                                           local_sh_cmd(run_dir))
+    print(f"SIGINT to launch/local.sh's group: exit {code} after {seconds:.1f} s")
+    assert code == 130 and seconds < 60, out[-3000:]
+    assert_summary_says_stopped(run_dir, signal.SIGTERM)  # horovodrun stops its workers so
+    wait_for(lambda: not worker_pids(run_dir), 30, "no worker left")
+
+
 def test_non_finite_training_stops_every_worker_and_keeps_the_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     smoke = ["-m", "distbn.train", "--config", "configs/smoke.yaml", "--run-dir", str(run_dir),

@@ -5,6 +5,7 @@ SLURM for its test); skips with the reason otherwise."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -173,6 +174,22 @@ def test_a_partition_ends_the_job_by_the_stall_guard(hosts, tmp_path):
     assert mx.nd.load(str(run_dir / "checkpoints" / latest / "model.params"))
 
 
+def test_sigterm_to_hosts_sh_stops_every_worker_on_both_hosts(hosts, tmp_path):
+    """A scheduler's SIGTERM to the launcher: horovodrun stops the workers of both hosts (those
+    on host 1 through their ssh sessions), the script exits 143, summary.json says how the run
+    ended, and the run resumes from its last complete checkpoint."""
+    run_dir = tmp_path / "run"
+    proc = start_long_run(hosts, tmp_path, run_dir)
+    proc.send_signal(signal.SIGTERM)
+    code, seconds, out = finish(proc, timeout=90)
+    print(f"SIGTERM to hosts.sh: exit {code} after {seconds:.1f} s")
+    assert code == 143 and seconds < 60, out[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["workers"] == 4, summary
+    assert_nothing_left(hosts, within=30)
+    assert_resumes_on_host0(hosts, run_dir)
+
+
 @pytest.mark.skipif(bool(slurm_unavailable()), reason=f"multihost: {slurm_unavailable()}")
 def test_slurm_batch_script_trains_across_two_nodes(hosts, tmp_path):
     """launch/slurm.sbatch for real: a 2-node SLURM (slurmctld, a slurmd per host, munge) on
@@ -196,3 +213,41 @@ def test_slurm_batch_script_trains_across_two_nodes(hosts, tmp_path):
         assert state == "COMPLETED", f"job {job} {state}: {out[-4000:]}{slurm.logs()}"
     assert "4 worker(s)" in out and "over Gloo" in out, out[-3000:]
     assert_written_once(run_dir, 2)
+
+
+@pytest.mark.skipif(bool(slurm_unavailable()), reason=f"multihost: {slurm_unavailable()}")
+def test_slurm_requeue_stops_the_job_and_the_requeued_job_resumes(hosts, tmp_path):
+    """Preemption with requeueing, submitted as docs/multihost.md says (`sbatch --requeue ...
+    --run-dir DIR --resume`): `scontrol requeue` while the job trains ends it by SIGTERM (the
+    trainer says so), and the requeued job continues after the newest complete checkpoint and
+    completes, every epoch recorded once."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    with Slurm(hosts) as slurm:
+        env = {**ENV, **slurm.env}
+        sub = hosts.run(0, ["sbatch", "--parsable", "--requeue", "--open-mode=append", "--nodes=2",
+                            "--ntasks-per-node=2", "-o", log, ROOT / "launch" / "slurm.sbatch",
+                            "configs/smoke.yaml", "--run-dir", run_dir, *QUIET, "--set",
+                            "data.limit=5120", "--set", "train.epochs=3", "--resume"],
+                        timeout=60, cwd=ROOT, env=env)
+        job = sub.stdout.strip().split(";")[0]
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints" / "latest").exists():
+            assert time.time() < deadline, f"no first checkpoint: {slurm.logs()}"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        hosts.run(0, ["scontrol", "requeue", job], timeout=30, env=env)
+        deadline, state, info = time.time() + 400, "", ""
+        while time.time() < deadline:
+            info = hosts.run(0, ["scontrol", "-o", "show", "job", job], timeout=30, env=env).stdout
+            state = re.search(r"JobState=(\S+)", info).group(1)
+            restarts = int(re.search(r"Restarts=(\d+)", info).group(1))
+            if restarts >= 1 and state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING",
+                                               "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"):
+                break
+            time.sleep(1)
+        out = log.read_text() if log.exists() else ""
+        assert state == "COMPLETED" and restarts == 1, f"job {job} {state}: {info}\n{out[-4000:]}{slurm.logs()}"
+    assert "stopped by SIGTERM" in out and "resuming after epoch" in out, out[-4000:]
+    assert [json.loads(l)["epoch"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2, 3]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"

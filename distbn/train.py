@@ -411,8 +411,9 @@ def run(cfg: Config, run_dir: Path, resume: bool) -> dict:
                         lambda: f"rank {comm.rank} (last collective {comm.last_collective})")
     replicas = comm.size * cfg.train.devices_per_worker
     if cfg.train.batch_size % replicas:
+        per = "" if cfg.train.devices_per_worker == 1 else f" x {cfg.train.devices_per_worker} devices"
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by the "
-                          f"{comm.size} worker(s) x {cfg.train.devices_per_worker} device(s)")
+                          f"{comm.size} worker{'s' if comm.size > 1 else ''}{per}")
     ctxs = devices(comm, cfg.train.devices_per_worker)
     precision.check(cfg.train.precision, ctxs[0])  # the cheap checks first
     data = load_data(cfg)  # before any file is written: missing data leaves nothing behind

@@ -365,4 +365,4 @@ def test_two_workers_with_two_devices_keep_every_copy_equal_and_resume(tmp_path)
 def test_a_batch_that_does_not_split_over_workers_and_devices_is_refused(tmp_path):
     _, code, out = train(tmp_path, "bad", check=False, extra=["--set", "train.devices_per_worker=3"])
     assert code == 2 and out.count("error:") == 1, out
-    assert "train.batch_size 64 is not divisible by the 1 worker(s) x 3 device(s)" in out, out
+    assert "train.batch_size 64 is not divisible by the 1 worker x 3 devices" in out, out

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from mxnet import gluon
 
-from .convert import bn_layers, uses_global_stats
+from .convert import FROZEN as _SAVED, bn_layers, uses_global_stats
 from .layers import BatchNorm
-
-_SAVED = "_distbn_unfrozen"  # the layer's settings before freeze_batchnorm, for unfreeze
 
 
 def freeze_batchnorm(net: gluon.Block, affine: bool = False) -> gluon.Block:

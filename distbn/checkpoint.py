@@ -5,12 +5,15 @@ Layout of ``RUN_DIR/checkpoints``::
     epoch-0003/model.params     network parameters, moving statistics included
     epoch-0003/trainer.states   optimizer state (momentum buffers)
     epoch-0003/meta.json        {"epoch": 3, "global_step": ..., "config": {...}}
+    epoch-0003/SHA256SUMS       the three files' SHA-256 (``sha256sum -c`` reads it)
     latest                      the name of the newest complete checkpoint
 
 A checkpoint is written into a temporary folder, flushed to disk, then renamed into place; only
 then is ``latest`` replaced (write a temporary file, rename over the old one). A write that
 fails (full disk, read-only mount) removes the temporary folder and raises
-:class:`distbn.storage.StorageError`; the checkpoints already there stay as they were.
+:class:`distbn.storage.StorageError`; the checkpoints already there stay as they were. A
+checkpoint whose files no longer match their checksums (a disk or copy that damaged them) is
+passed over by :func:`latest`, which says so and takes the newest intact one.
 """
 from __future__ import annotations
 
@@ -19,11 +22,11 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from .storage import writing
+from .storage import damaged, write_checksums, writing
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ def _write_files(tmp: Path, epoch: int, global_step: int, net, trainer, config: 
             {"epoch": epoch, "global_step": global_step, "config": config}, indent=1))
         for f in tmp.iterdir():
             _fsync_file(f)
+    write_checksums(tmp / CHECKSUMS, [tmp / n for n in ("model.params", "trainer.states", "meta.json")])
 
 
 def size_estimate(net, trainer_states: int) -> int:
@@ -109,25 +113,37 @@ def size_estimate(net, trainer_states: int) -> int:
     return params * (1 + trainer_states) + (1 << 16)
 
 
-def _read(path: Path) -> Optional[Checkpoint]:
+CHECKSUMS = "SHA256SUMS"
+
+
+def _read(path: Path, report: Callable[[str], None]) -> Optional[Checkpoint]:
+    """The checkpoint in ``path`` if it is complete and intact; a damaged one is reported."""
     try:
         meta = json.loads((path / "meta.json").read_text())
         if not (path / "model.params").is_file() or not (path / "trainer.states").is_file():
+            return None
+        # Checkpoints written before checksums were (no SHA256SUMS) are taken as they are.
+        problem = damaged(path / CHECKSUMS) if (path / CHECKSUMS).is_file() else None
+        if problem:
+            report(f"checkpoint {path} is damaged ({problem}): passed over")
             return None
         return Checkpoint(path, int(meta["epoch"]), int(meta["global_step"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def latest(ckpt_dir: Path) -> Optional[Checkpoint]:
-    """The newest complete checkpoint: the one ``latest`` names, else the newest readable one."""
+def latest(ckpt_dir: Path, report: Callable[[str], None] = lambda msg: None) -> Optional[Checkpoint]:
+    """The newest complete, intact checkpoint: the one ``latest`` names, else the newest
+    readable one. Each damaged checkpoint passed over is told to ``report`` in one line."""
     pointer = ckpt_dir / "latest"
+    tried = None
     if pointer.is_file():
-        found = _read(ckpt_dir / pointer.read_text().strip())
+        tried = ckpt_dir / pointer.read_text().strip()
+        found = _read(tried, report)
         if found is not None:
             return found
     for path in sorted(ckpt_dir.glob("epoch-*"), reverse=True):
-        found = _read(path)
+        found = _read(path, report) if path != tried else None
         if found is not None:
             return found
     return None

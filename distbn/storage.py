@@ -2,17 +2,20 @@
 mount, a forbidden or missing folder): every such failure becomes one :class:`StorageError`
 that names the path and the reason, so the trainer can stop with one line.
 
-Also the two writes whose readers must never see half of them: :func:`append_line` (a record
-of metrics.jsonl is there whole or not at all) and :func:`write_text` (temporary file, then
-rename).
+Checksums (:func:`write_checksums`, :func:`damaged`) for the files a reader must trust
+(checkpoints, exports). Also the two writes whose readers must never see half of them:
+:func:`append_line` (a record of metrics.jsonl is there whole or not at all) and
+:func:`write_text` (temporary file, then rename).
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 # Below this many free bytes a write that MXNet reports only as "incomplete" is put down to a
 # full disk (MXNet's file stream does not pass errno on).
@@ -83,6 +86,37 @@ def write_text(path: Path, text: str) -> None:
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(path: Path, files) -> None:
+    """``path`` lists the SHA-256 of ``files`` (of its folder) as ``sha256sum`` writes them
+    (``sha256sum -c`` checks them), flushed to disk."""
+    with writing(path):
+        with open(path, "w") as f:
+            f.write("".join(f"{sha256(p)}  {Path(p).name}\n" for p in files))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def damaged(checksums: Path) -> Optional[str]:
+    """The first file ``checksums`` lists that is missing or no longer has its checksum, as
+    'NAME is missing' or 'NAME differs from its checksum'; None when every one is intact."""
+    for line in checksums.read_text().splitlines():
+        digest, name = line.split(None, 1)
+        f = checksums.parent / name.strip()
+        if not f.is_file():
+            return f"{f.name} is missing"
+        if sha256(f) != digest:
+            return f"{f.name} differs from its checksum ({checksums.name})"
+    return None
 
 
 def prepare_dir(path: Path, need_bytes: int = 0) -> None:

@@ -1,5 +1,5 @@
 """Rank-0 side effects in one place: console messages, progress bar, metrics.jsonl, TensorBoard,
-checkpoints. Every other rank gets a :class:`NullRunLog` whose methods do nothing, so training
+checkpoints, the export. Every other rank gets a :class:`NullRunLog` whose methods do nothing, so training
 code never asks which rank it is on."""
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ class NullRunLog:
         pass
 
     def forget_epochs_after(self, epoch: int) -> None:
+        pass
+
+    def export(self, net, input_shape: tuple) -> None:
         pass
 
     def abandon(self) -> None:
@@ -139,6 +142,14 @@ class RunLog(NullRunLog):
         t = time.perf_counter()
         ckpt = checkpoint.save(self.run_dir / "checkpoints", epoch, global_step, net, trainer, config)
         self.info(f"checkpoint {ckpt.path} ({time.perf_counter() - t:.2f} s)")
+
+    def export(self, net, input_shape: tuple) -> None:
+        """The network for serving, in ``run_dir/export`` (:mod:`distbn.export`)."""
+        from .export import export
+        t = time.perf_counter()
+        files = export(net, self.run_dir / "export" / "model", input_shape)
+        self.info(f"export {files[0].parent}: {', '.join(f.name for f in files)} "
+                  f"({time.perf_counter() - t:.2f} s)")
 
     def forget_epochs_after(self, epoch: int) -> None:
         """Drops metrics.jsonl records past ``epoch`` (a run that stopped after recording an

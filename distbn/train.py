@@ -41,6 +41,8 @@ def _is_root_before_init() -> bool:
 _REPORT_GRACE_SECONDS = 30.0
 
 
+INPUT_SHAPE = (1, 1, 28, 28)  # one Fashion-MNIST image, channels first: what the networks take
+
 LOST_WORKER_EXIT_CODE = 6  # a sync layer's exchange lost another worker (distbn.engine)
 # A worker that lost another waits this long before it reports: horovodrun, which sees the
 # other worker's exit too, usually ends the job first (within a second here), and the other
@@ -200,7 +202,7 @@ def build_model(cfg: Config, ctxs: list, process_set=None):
     if cfg.model.hybridize:
         net.hybridize(static_alloc=True)  # not static_shape: several CPU devices hung with it
     try:
-        finish_shapes(net, mx.nd.zeros((1, 1, 28, 28), ctx=ctxs[0]))
+        finish_shapes(net, mx.nd.zeros(INPUT_SHAPE, ctx=ctxs[0]))
     except (mx.base.MXNetError, ValueError) as e:
         raise ConfigError(f"model.arch {cfg.model.arch} does not take 1x28x28 input: "
                           f"{str(e).splitlines()[0]}") from None
@@ -359,7 +361,7 @@ def resume_point(comm, run_dir: Path, net, trainer, log, lr: float):
     """Load the newest checkpoint on every worker; returns (start_epoch, global_step)."""
     from . import checkpoint
 
-    ckpt = checkpoint.latest(run_dir / "checkpoints")
+    ckpt = checkpoint.latest(run_dir / "checkpoints", report=log.info)
     # Every worker must agree on where to start, or their collectives would pair up wrongly.
     import mxnet as mx
     mine = mx.nd.array([ckpt.epoch if ckpt else 0], dtype="float64")
@@ -497,6 +499,7 @@ def _train(cfg, comm, run_dir, resume, data, ctxs, net, trainer, log, watchdog) 
         log.epoch(last, net)
         log.save_checkpoint(epoch, global_step, net, trainer, cfg.to_dict())
         watchdog.beat(f"epoch {epoch} evaluation and checkpoint")
+    log.export(net, INPUT_SHAPE)  # the statistics the last test_acc used
     bn = bn_layers(net)
     moving = [p for layer in bn for p in (layer.running_mean, layer.running_var)]
     learned = [p for p in net.collect_params().values() if p.grad_req != "null"]

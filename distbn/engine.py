@@ -39,6 +39,7 @@ from . import native
 _SIOCGIFADDR = 0x8915
 _ERR = 1024
 _world: dict = {"size": 1}
+_trace = {"capacity": 0}  # what distbn_engine_trace holds room for
 _device_error: dict = {}  # the newest failure of a devices' exchange (MXNet's error hides it)
 DEVICES_OP = "distbn_devices_allreduce"
 
@@ -123,6 +124,29 @@ def seconds() -> float:
     lib = native.clib()
     lib.distbn_engine_seconds.restype = ctypes.c_double
     return lib.distbn_engine_seconds()
+
+
+def trace(capacity: int) -> None:
+    """Starts recording this process's layer exchanges afresh, up to ``capacity`` of them
+    (0: stops): see :func:`traced`."""
+    native.clib().distbn_engine_trace(ctypes.c_longlong(capacity))
+    _trace["capacity"] = capacity
+
+
+def traced() -> list:
+    """The exchanges recorded since :func:`trace`, in the order they ran: (collective name,
+    ns when the operator asked for it, ns when it returned), on the steady clock that every
+    process of a host shares (``time.monotonic_ns``)."""
+    lib = native.clib()
+    lib.distbn_engine_trace_read.restype = ctypes.c_longlong
+    out = np.zeros((_trace["capacity"], 3), np.int64)
+    n = lib.distbn_engine_trace_read(out.ctypes.data_as(ctypes.POINTER(ctypes.c_longlong)),
+                                     ctypes.c_longlong(len(out)))
+    names, buf = {}, ctypes.create_string_buffer(256)
+    for tag in set(out[:n, 0].tolist()):
+        unknown = lib.distbn_engine_tag_name(ctypes.c_longlong(tag), buf, len(buf))
+        names[tag] = f"tag {tag}" if unknown else buf.value.decode()  # one process: no names
+    return [(names[tag], asked, returned) for tag, asked, returned in out[:n].tolist()]
 
 
 def last() -> str:

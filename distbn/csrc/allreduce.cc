@@ -158,6 +158,12 @@ struct Engine {
   std::atomic<long long> ns_inside{0};  // time spent in collectives (the benchmarks' account)
   std::mutex last_mu;  // apart from mu, which a waiting collective holds
   std::string last;
+  // The exchange trace (bench/exchange_wait.py): per all-reduce of a layer, its tag, when the
+  // operator asked for it and when it returned (steady clock, ns: one clock for every process
+  // of a host, so the workers' records line up), while fewer than trace_cap are held.
+  std::mutex trace_mu;
+  std::vector<int64_t> trace;  // 3 per record
+  size_t trace_cap = 0;
 };
 
 Engine& engine() {
@@ -269,8 +275,16 @@ std::string allreduce_locked(Engine& e, const double* data, double* out, int64_t
 std::string allreduce(const double* data, double* out, int64_t n, const std::string& key,
                       const std::string& ranks) {
   Engine& e = engine();
-  std::lock_guard<std::mutex> lock(e.mu);
-  return allreduce_locked(e, data, out, n, key, ranks);
+  const int64_t asked = now_ns();
+  std::string err;
+  {
+    std::lock_guard<std::mutex> lock(e.mu);
+    err = allreduce_locked(e, data, out, n, key, ranks);
+  }
+  std::lock_guard<std::mutex> lock(e.trace_mu);
+  if (e.trace.size() < 3 * e.trace_cap)
+    e.trace.insert(e.trace.end(), {static_cast<int64_t>(tag_of(key, n)), asked, now_ns()});
+  return err;
 }
 
 // Every worker's offer (kOffers round ids, 0 = none) into g.offers, in group order; "" or an error.
@@ -695,6 +709,33 @@ void distbn_engine_last(char* buf, int len) {
   Engine& e = engine();
   std::lock_guard<std::mutex> lock(e.last_mu);
   std::snprintf(buf, len, "%s", e.last.c_str());
+}
+
+// Starts the exchange trace afresh, holding up to `capacity` records (0: off).
+void distbn_engine_trace(long long capacity) {
+  Engine& e = engine();
+  std::lock_guard<std::mutex> lock(e.trace_mu);
+  e.trace.clear();
+  e.trace_cap = capacity > 0 ? static_cast<size_t>(capacity) : 0;
+  e.trace.reserve(3 * e.trace_cap);
+}
+
+// Copies up to `max_records` trace records (tag, asked ns, returned ns) to `out`; their count.
+long long distbn_engine_trace_read(long long* out, long long max_records) {
+  Engine& e = engine();
+  std::lock_guard<std::mutex> lock(e.trace_mu);
+  const long long n = std::min<long long>(max_records, e.trace.size() / 3);
+  std::copy(e.trace.begin(), e.trace.begin() + 3 * n, out);
+  return n;
+}
+
+// The collective a tag stands for, "key (n values)", into buf; 0, or 1 when unknown.
+int distbn_engine_tag_name(long long tag, char* buf, int len) {
+  Engine& e = engine();
+  std::lock_guard<std::mutex> lock(e.mu);
+  auto it = e.names.find(static_cast<uint32_t>(tag));
+  std::snprintf(buf, len, "%s", it == e.names.end() ? "" : it->second.c_str());
+  return it == e.names.end();
 }
 
 // The same exchange on plain arrays (tests, benchmarks).

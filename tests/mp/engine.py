@@ -4,7 +4,8 @@ raw arrays.
     horovodrun -np N python tests/mp/engine.py [--lose-rank R | --silent-rank R | --other-length]
 
 Sums (small and 8 MB), bitwise the same result on every rank, a group of some ranks only (a
-sub-communicator made by every worker), the collective count, and out-of-step workers 0 and 1
+sub-communicator made by every worker), the collective count, the exchange trace, and
+out-of-step workers 0 and 1
 (two collectives of the same length), which must both fail with both names rather than mix
 them. With --lose-rank R, rank R then exits without a word and every other rank's next
 collective must fail at once, naming a lost rank (R, for those connected to it). With --silent-rank R and DISTBN_SYNC_TIMEOUT=2,
@@ -63,6 +64,20 @@ if comm.rank in group.ranks:
 exchanged = comm.rank in group.ranks and len(group.ranks) > 1  # a group of one exchanges nothing
 check("count", comm.collectives == before + exchanged)
 check("last name", comm.last_collective.startswith("'group'" if exchanged else "'big'"))
+
+# The exchange trace: one record per collective, in order, named; a worker that comes late
+# shows as the others' time inside the exchange, not as its own (bench/exchange_wait.py).
+engine.trace(10)
+for i in range(3):
+    if i == 1 and comm.rank == n - 1:
+        time.sleep(0.3)  # the stimulus: the last rank reaches the second collective late
+    engine.allreduce(np.ones(4), f"traced{i}")
+records = engine.traced()
+engine.trace(0)
+check("trace names", [r[0] for r in records] == [f"traced{i} (4 values)" for i in range(3)])
+check("trace order", all(a <= r <= b for (_, a, r), (_, b, _) in zip(records, records[1:])))
+inside = records[1][2] - records[1][1]
+check("late peer: the others wait inside", inside >= 0.25e9 if comm.rank < n - 1 else inside < 0.2e9)
 
 pair = comm.group([0, 1])
 if comm.rank < 2:  # ranks 0 and 1 disagree about which collective comes next

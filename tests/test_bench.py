@@ -66,6 +66,22 @@ def test_step_phases_bench_two_workers_counts_collectives(tmp_path):
 
 
 @pytest.mark.multiproc
+def test_exchange_wait_bench_splits_each_exchange_into_wait_and_exchange(tmp_path):
+    out = tmp_path / "w.json"
+    horovodrun(2, ["bench/exchange_wait.py", "--arch", "lenet", "--rounds", "2", "--steps", "2",
+                   "--warmup", "1", "--json", out], timeout=300)
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert row["exchanges_per_step"] == 2 * 4 and row["gluon_ms"] > 0 and row["sync_ms"] > 0
+    assert row["wait_ms_per_step"] >= 0 and row["exchange_ms_per_step"] > 0
+    # Inside the exchanges a worker spends no more than its whole step.
+    assert row["wait_ms_per_step"] + row["exchange_ms_per_step"] < row["sync_ms"]
+    names = [r["exchange"].split(" (")[0] for r in data["layers"]]
+    assert names == [f"distbn.syncbatchnorm{i}_fwd" for i in range(4)] + \
+        [f"distbn.syncbatchnorm{i}_bwd" for i in (3, 2, 1, 0)], names
+
+
+@pytest.mark.multiproc
 def test_step_time_bench_two_workers(tmp_path):
     out = tmp_path / "s.json"
     horovodrun(2, ["bench/step_time.py", "--arch", "lenet", "resnet18_v1", "--rounds", "1",
